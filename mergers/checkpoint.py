@@ -1,0 +1,304 @@
+"""Reading checkpoints one tensor at a time.
+
+``open_checkpoint(path)`` returns a read-only ``Mapping[str, Tensor]`` whose keys
+come in file order. For safetensors only the header is parsed up front; each
+tensor is read with ``os.pread`` into memory of its own when it is asked for,
+so a merge holds a few tensors, never a model. We read instead of mapping the
+file because mapped pages count towards the process's RSS until unmapped.
+
+Pickle checkpoints (``.ckpt``/``.pt``/``.pth``) go through
+``torch.load(weights_only=True)``: a pickle that needs code is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergers.errors import CheckpointError, UnsafeCheckpointError
+from mergers.hashing import legacy_hash, sha256_of_file
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+# Real SD headers are under 1 MB; anything past this is a corrupt or hostile file.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file, and what it is."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute file offset of the first byte
+    nbytes: int
+
+
+class Checkpoint(Mapping):
+    """A checkpoint whose tensors are read on demand, in file order.
+
+    Subclasses fill ``_infos`` (key → TensorInfo-like with dtype and shape)
+    and implement ``_read``.
+    """
+
+    def __init__(self, path: Path, metadata: dict[str, str]):
+        self.path = path
+        self.metadata = metadata
+        self._sha256: str | None = None
+
+    # Mapping protocol -------------------------------------------------
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._infos:
+            raise KeyError(key)
+        return self._read(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._infos
+
+    # Cheap facts, from the header ---------------------------------------
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._infos[key].shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._infos[key].dtype
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {key: info.shape for key, info in self._infos.items()}
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    # Hashes, A1111-compatible ---------------------------------------------
+    def sha256(self) -> str:
+        """The file's sha256, as A1111 shows it (computed once, cached on disk)."""
+        if self._sha256 is None:
+            self._sha256 = sha256_of_file(self.path)
+        return self._sha256
+
+    def shorthash(self) -> str:
+        """A1111's short hash: the first 10 hex digits of the sha256."""
+        return self.sha256()[:10]
+
+    def legacy_hash(self) -> str:
+        """A1111's old 8-digit hash of 64 KiB at offset 1 MiB."""
+        return legacy_hash(self.path)
+
+    def close(self) -> None:
+        """Release the file; reads after this fail."""
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, {len(self)} tensors)"
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """A safetensors file: header parsed once, tensors read by ``pread``."""
+
+    def __init__(self, path: Path):
+        self._fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(self._fd).st_size
+            header, data_start = _read_header(self._fd, size, path)
+            metadata = header.pop("__metadata__", None) or {}
+            self._infos = _tensor_infos(header, data_start, size, path)
+        except BaseException:
+            self.close()
+            raise
+        super().__init__(path, _string_metadata(metadata, path))
+
+    def _read(self, key: str) -> torch.Tensor:
+        info = self._infos[key]
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            _pread_into(self._fd, raw.numpy(), info.start, self.path, key)
+        return raw.view(info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self):
+        self.close()
+
+
+class PickleCheckpoint(Checkpoint):
+    """A ``.ckpt``/``.pt`` file, loaded with ``weights_only=True`` (memory-mapped when the format allows)."""
+
+    def __init__(self, path: Path):
+        state = _safe_torch_load(path)
+        tensors = {k: v for k, v in _unwrap_state_dict(state, path).items() if isinstance(v, torch.Tensor)}
+        self._tensors = tensors
+        self._infos = {k: _PickleInfo(v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+        super().__init__(path, {})
+
+    def _read(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+@dataclass(frozen=True)
+class _PickleInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a checkpoint for reading, one tensor at a time.
+
+    Example:
+        >>> with open_checkpoint("model.safetensors") as ckpt:
+        ...     w = ckpt["model.diffusion_model.out.2.weight"]
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        return SafetensorsCheckpoint(path)
+    if suffix in PICKLE_SUFFIXES:
+        return PickleCheckpoint(path)
+    raise CheckpointError(
+        f"{path}: unknown checkpoint format {suffix!r}; expected .safetensors, .ckpt, .pt or .pth"
+    )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (``F16`` …)."""
+    return DTYPE_NAMES[dtype]
+
+
+# safetensors header ---------------------------------------------------------
+
+def _read_header(fd: int, size: int, path: Path) -> tuple[dict, int]:
+    if size < 8:
+        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+    (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    if length > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{path}: safetensors header of {length} bytes is too large (corrupt file?)")
+    if 8 + length > size:
+        raise CheckpointError(f"{path}: truncated safetensors file (header says {length} bytes, file has {size - 8})")
+    raw = os.pread(fd, length, 8)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: bad safetensors header ({error})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: bad safetensors header (not a JSON object)")
+    return header, 8 + length
+
+
+def _tensor_infos(header: dict, data_start: int, size: int, path: Path) -> dict[str, TensorInfo]:
+    infos = {key: _tensor_info(key, entry, data_start, path) for key, entry in header.items()}
+    ordered = dict(sorted(infos.items(), key=lambda item: item[1].start))
+    end = data_start
+    for key, info in ordered.items():
+        if info.start < end:
+            raise CheckpointError(f"{path}: tensor {key!r} overlaps the one before it (corrupt header)")
+        end = info.start + info.nbytes
+    if end > size:
+        raise CheckpointError(f"{path}: truncated file: tensors end at byte {end}, the file has {size}")
+    return ordered
+
+
+def _tensor_info(key: str, entry: object, data_start: int, path: Path) -> TensorInfo:
+    try:
+        dtype = DTYPES[entry["dtype"]]
+        shape = tuple(int(n) for n in entry["shape"])
+        begin, end = (int(n) for n in entry["data_offsets"])
+    except KeyError as error:
+        if isinstance(entry, dict) and "dtype" in entry and error.args[0] == entry["dtype"]:
+            raise CheckpointError(f"{path}: tensor {key!r} has unknown dtype {entry['dtype']!r}") from None
+        raise CheckpointError(f"{path}: tensor {key!r} has a bad header entry (missing {error})") from None
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{path}: tensor {key!r} has a bad header entry: {entry!r:.200}") from None
+    nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+    if min(shape, default=0) < 0 or begin < 0 or end - begin != nbytes:
+        raise CheckpointError(
+            f"{path}: tensor {key!r} of shape {list(shape)} {entry['dtype']} needs {nbytes} bytes, "
+            f"its offsets give {end - begin}"
+        )
+    return TensorInfo(dtype, shape, data_start + begin, nbytes)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for n in shape:
+        count *= n
+    return count
+
+
+def _string_metadata(metadata: object, path: Path) -> dict[str, str]:
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: bad safetensors metadata (must map strings to strings)")
+    return dict(metadata)
+
+
+def _pread_into(fd: int, buffer, offset: int, path: Path, key: str) -> None:
+    view = memoryview(buffer).cast("B")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise CheckpointError(f"{path}: truncated file while reading {key!r}")
+        done += got
+
+
+# pickles --------------------------------------------------------------------
+
+def _safe_torch_load(path: Path) -> object:
+    mmap = zipfile.is_zipfile(path)  # only the zip format can be memory-mapped
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as error:  # torch raises many types here; all mean "can't load safely"
+        raise _pickle_error(path, error) from None
+
+
+def _pickle_error(path: Path, error: Exception) -> CheckpointError:
+    text = str(error)
+    if "weights_only" in text or "Unsupported global" in text or "UnpicklingError" in type(error).__name__:
+        first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+        return UnsafeCheckpointError(
+            f"{path}: refused to load: this pickle needs code to run ({first[:200]}). "
+            "Pickles can run anything; convert the file to .safetensors with a tool you trust."
+        )
+    return CheckpointError(f"{path}: cannot read checkpoint ({type(error).__name__}: {text[:200]})")
+
+
+def _unwrap_state_dict(state: object, path: Path) -> dict:
+    while isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a state dict (found {type(state).__name__})")
+    return state

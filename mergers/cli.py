@@ -1,0 +1,206 @@
+"""The command line: ``python -m mergers merge|info|recipe|demo``.
+
+Run ``python -m mergers COMMAND --help`` for each command's options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mergers.arch import detect_architecture
+from mergers.checkpoint import open_checkpoint
+from mergers.demo import ensure_demo_models
+from mergers.errors import CheckpointError, MergeError
+from mergers.merge import merge_to_file
+from mergers.metadata import A1111_RECIPE_KEY, stored_recipe
+from mergers.methods import MODES
+from mergers.models import find_model
+from mergers.recipe import Recipe
+
+log = logging.getLogger("mergers")
+
+EPILOG = """\
+block weights (--weights-alpha/--weights-beta) take any of:
+  26 numbers (SD1/SD2: BASE,IN00..IN11,M00,OUT00..OUT11) or 20 (SDXL: BASE,IN00..IN08,M00,OUT00..OUT08);
+  a preset name such as GRAD_V or FLAT_25 (26 values are converted for SDXL as the original does);
+  a readable form such as "BASE:0, IN00-IN05:0.3, OUT:1" (later entries win; ALL:x sets a default).
+When block weights are given they decide every key, BASE included; --alpha/--beta are then unused.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mergers", description="Merge Stable Diffusion checkpoints.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens, key by key")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_merge(commands)
+    _add_info(commands)
+    _add_recipe(commands)
+    _add_demo(commands)
+    return parser
+
+
+def _add_merge(commands) -> None:
+    cmd = commands.add_parser("merge", help="merge two or three checkpoints into a new file",
+                              description="Merge MODEL_A with MODEL_B (and MODEL_C) into OUT.safetensors.",
+                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmd.add_argument("model_a", metavar="MODEL_A")
+    cmd.add_argument("model_b", metavar="MODEL_B")
+    cmd.add_argument("model_c", metavar="MODEL_C", nargs="?")
+    cmd.add_argument("--mode", default="weight_sum",
+                     help=f"merge mode: {', '.join(repr(v) for v in MODES.values())} or snake_case (default weight_sum)")
+    cmd.add_argument("--calcmode", default="normal", help="calculation mode (default normal)")
+    cmd.add_argument("--alpha", type=float, default=0.5, help="alpha for every merged key (default 0.5)")
+    cmd.add_argument("--beta", type=float, default=0.25, help="beta, for Triple sum / sum Twice (default 0.25)")
+    cmd.add_argument("--weights-alpha", metavar="W", help="block weights for alpha (see below)")
+    cmd.add_argument("--weights-beta", metavar="W", help="block weights for beta")
+    _add_output_options(cmd)
+    cmd.add_argument("--prune", action="store_true", help="drop EMA and training-only keys")
+    cmd.add_argument("--reset-clip", action="store_true", help="reset broken CLIP position_ids to 0..76")
+    cmd.add_argument("--bake-vae", metavar="VAE", help="replace the VAE with this file's weights")
+    cmd.set_defaults(run=run_merge)
+
+
+def _add_output_options(cmd) -> None:
+    cmd.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="the file to write")
+    cmd.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="output precision (default: as model A)")
+    cmd.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
+    cmd.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never an input)")
+
+
+def _add_info(commands) -> None:
+    cmd = commands.add_parser("info", help="architecture, dtypes, hashes and stored recipe of a checkpoint")
+    cmd.add_argument("file", metavar="FILE")
+    cmd.add_argument("--json", action="store_true", help="print JSON instead of text")
+    cmd.set_defaults(run=run_info)
+
+
+def _add_recipe(commands) -> None:
+    cmd = commands.add_parser("recipe", help="re-run the merge recipe stored in a merged file",
+                              description="Re-run the recipe stored in FILE's metadata; the inputs are "
+                                          "found in --models DIR by name, else by sha256.")
+    cmd.add_argument("file", metavar="FILE")
+    cmd.add_argument("--models", metavar="DIR", default=".", help="folder holding the input models (default .)")
+    _add_output_options(cmd)
+    cmd.set_defaults(run=run_recipe)
+
+
+def _add_demo(commands) -> None:
+    cmd = commands.add_parser("demo", help="make small demo models in ./demo and merge them")
+    cmd.add_argument("--folder", default="demo", help="where the demo models go (default ./demo)")
+    cmd.add_argument("--preset", default="GRAD_V", help="block-weight preset to merge with (default GRAD_V)")
+    cmd.set_defaults(run=run_demo)
+
+
+def run_merge(args) -> int:
+    recipe = Recipe(model_a=args.model_a, model_b=args.model_b, model_c=args.model_c, mode=args.mode,
+                    calcmode=args.calcmode, alpha=args.alpha, beta=args.beta,
+                    weights_alpha=args.weights_alpha, weights_beta=args.weights_beta, dtype=args.dtype,
+                    prune=args.prune, reset_clip=args.reset_clip, bake_vae=args.bake_vae)
+    return _merge_and_report(recipe, args)
+
+
+def _merge_and_report(recipe: Recipe, args, resolve=None) -> int:
+    options = {"resolve": resolve} if resolve else {}
+    with tqdm(total=0, unit="key", desc="merging", disable=None) as bar:
+        def progress(done: int, total: int, key: str) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = merge_to_file(recipe, args.output, device=args.device, overwrite=args.overwrite,
+                               on_progress=progress, **options)
+    plan = result.plan
+    size = result.path.stat().st_size / 1e9
+    print(f"{plan.method.label} ({plan.method.formula}) of {plan.arch.label} models: "
+          f"{plan.count('merge')} keys merged, {len(plan.steps) - plan.count('merge')} copied")
+    for name, weights in (("alpha", plan.weights_alpha), ("beta", plan.weights_beta)):
+        if weights is not None:
+            print(f"{name} by block: {weights.as_readable()}")
+    print(f"wrote {result.path} ({size:.2f} GB) in {result.seconds:.1f} s")
+    return 0
+
+
+def run_info(args) -> int:
+    with open_checkpoint(args.file) as ckpt:
+        info = checkpoint_info(ckpt)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for name, value in info.items():
+            print(f"{name:>14}: {value if not isinstance(value, (dict, list)) else json.dumps(value)}")
+    return 0
+
+
+def checkpoint_info(ckpt) -> dict:
+    """The facts ``info`` shows about an open checkpoint."""
+    arch = detect_architecture(ckpt.shapes, ckpt.metadata, source=ckpt.name)
+    dtypes: dict[str, int] = {}
+    for key in ckpt:
+        name = str(ckpt.dtype(key)).replace("torch.", "")
+        dtypes[name] = dtypes.get(name, 0) + 1
+    stored = stored_recipe(ckpt.metadata, source=ckpt.name)
+    return {
+        "file": str(ckpt.path),
+        "architecture": arch.label,
+        "keys": len(ckpt),
+        "dtypes": dtypes,
+        "sha256": ckpt.sha256(),
+        "shorthash": ckpt.shorthash(),
+        "legacy_hash": ckpt.legacy_hash(),
+        "recipe": stored[0].to_dict() if stored else _a1111_recipe(ckpt.metadata),
+    }
+
+
+def _a1111_recipe(metadata: dict):
+    text = metadata.get(A1111_RECIPE_KEY)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def run_recipe(args) -> int:
+    with open_checkpoint(args.file) as ckpt:
+        stored = stored_recipe(ckpt.metadata, source=ckpt.name)
+    if stored is None:
+        raise MergeError(f"{args.file}: no supermerger recipe in its metadata")
+    recipe, models = stored
+    folder = Path(args.models)
+    return _merge_and_report(recipe, args, resolve=lambda name: find_model(name, folder, models))
+
+
+def run_demo(args) -> int:
+    started = time.perf_counter()
+    paths = ensure_demo_models(Path(args.folder))
+    print(f"demo models (real SD1.5 key names, small shapes): {', '.join(str(p) for p in paths[:2])}")
+    output = Path(args.folder) / f"demo_merged_{args.preset}.safetensors"
+    recipe = Recipe(model_a=str(paths[0]), model_b=str(paths[1]), mode="weight_sum", weights_alpha=args.preset)
+    demo_args = argparse.Namespace(output=output, device="auto", overwrite=True)
+    _merge_and_report(recipe, demo_args)
+    print(f"demo done in {time.perf_counter() - started:.1f} s; see it with: python -m mergers info {output}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.run(args)
+    except MergeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""The original SuperMerger's four merge modes with calculation mode "normal".
+
+Formulas and the way each is computed (lerp, precision) follow the original's
+``smerge`` (hako-mikan/sd-webui-supermerger, scripts/mergers/mergers.py
+l.497–539) so that our numbers equal its numbers.
+"""
+
+import torch
+from torch import Tensor
+
+from mergers.methods.registry import merge_method
+
+
+@merge_method("weight_sum", label="Weight sum", formula="A·(1−α) + B·α")
+def weight_sum(a: Tensor, b: Tensor, *, alpha: float) -> Tensor:
+    """A·(1−α) + B·α, as ``lerp`` in fp32 (α = 1 gives B exactly, α = 0 gives A)."""
+    return torch.lerp(a, b, alpha)
+
+
+@merge_method("add_difference", label="Add difference", precision="native", formula="A + (B − C)·α")
+def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float) -> Tensor:
+    """A + α·(B − C), in the models' own dtype as the original computes it."""
+    return a + alpha * (b - c)
+
+
+@merge_method("triple_sum", label="Triple sum", precision="native", formula="A·(1−α−β) + B·α + C·β")
+def triple_sum(a: Tensor, b: Tensor, c: Tensor, *, alpha: float, beta: float) -> Tensor:
+    """A·(1−α−β) + B·α + C·β, as lerp(A, lerp(B, C, β/(α+β)), α+β) when α+β ≠ 0."""
+    total = alpha + beta
+    if total == 0:
+        return a.clone()
+    return torch.lerp(a, torch.lerp(b, c, beta / total), total)
+
+
+@merge_method("sum_twice", label="sum Twice", formula="(A·(1−α) + B·α)·(1−β) + C·β")
+def sum_twice(a: Tensor, b: Tensor, c: Tensor, *, alpha: float, beta: float) -> Tensor:
+    """(A·(1−α) + B·α)·(1−β) + C·β, as two lerps in fp32."""
+    return torch.lerp(torch.lerp(a, b, alpha), c, beta)

@@ -1,0 +1,95 @@
+"""One registry of merge methods, and the table that picks one for a mode.
+
+A method is a pure tensor function registered by name with
+``@merge_method``. The executor owns dtype, device and the key loop; a method
+only says which precision it wants:
+
+- ``"fp32"``: inputs arrive as float32 (the original computes these in fp32);
+- ``"native"``: inputs arrive in their own dtype (promoted to a common one when
+  they differ), as the original computes add difference and triple sum, so our
+  fp16 results match its fp16 results bit for bit.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from mergers.errors import RecipeError
+
+PRECISIONS = ("fp32", "native")
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method and what the executor needs to know about it."""
+
+    name: str
+    label: str
+    func: Callable[..., Tensor]
+    models: int  # tensors it takes: 2 (A, B) or 3 (A, B, C)
+    params: tuple[str, ...]  # keyword-only hyper-parameters, e.g. ("alpha", "beta")
+    precision: str
+    formula: str
+
+    @property
+    def uses_beta(self) -> bool:
+        return "beta" in self.params
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def merge_method(name: str, *, label: str, precision: str = "fp32", formula: str = ""):
+    """Register a pure merge function under ``name``; returns the function unchanged.
+
+    Example:
+        >>> @merge_method("weight_sum", label="Weight sum")
+        ... def weight_sum(a, b, *, alpha): return torch.lerp(a, b, alpha)
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+
+    def register(func: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if name in METHODS:
+            raise ValueError(f"merge method {name!r} is already registered")
+        signature = inspect.signature(func).parameters.values()
+        models = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in signature)
+        params = tuple(p.name for p in signature if p.kind is p.KEYWORD_ONLY)
+        METHODS[name] = MergeMethod(name, label, func, models, params, precision,
+                                    formula or (func.__doc__ or "").strip().splitlines()[0])
+        return func
+
+    return register
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method called ``name`` (snake_case or its UI label).
+
+    Example:
+        >>> get_method("Add difference").models
+        3
+    """
+    found = METHODS.get(normalise_name(name)) or _by_label(name)
+    if found is None:
+        raise RecipeError(f"unknown merge method {name!r}{suggest(name, METHODS)}")
+    return found
+
+
+def normalise_name(text: str) -> str:
+    """``"Add difference"`` → ``"add_difference"``; ``"sum Twice"`` → ``"sum_twice"``."""
+    return "_".join(text.strip().lower().replace("-", " ").split())
+
+
+def suggest(name: str, choices) -> str:
+    """``"; did you mean 'x'?"`` for the nearest of ``choices``, or ``""``."""
+    close = difflib.get_close_matches(normalise_name(name), [normalise_name(c) for c in choices], n=2)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _by_label(label: str) -> MergeMethod | None:
+    return next((m for m in METHODS.values() if m.label.lower() == label.strip().lower()), None)

@@ -1,0 +1,230 @@
+"""Planning a merge from the headers alone, before any tensor is read.
+
+The plan decides, key by key, what the output holds (merged, copied from A or
+B, a baked VAE tensor, fresh CLIP ids), with which ratio and in which dtype and
+shape. Every check that can fail (architectures, shapes, weight strings) fails
+here, so a bad merge stops before any work is done.
+
+Which keys merge follows the original's ``smerge`` (reference §1.3): a key of
+A merges when its name holds "model" and "weight" or "bias", B (and C, for
+three-model modes) have it, and its block is merged at all; every other key
+stays as in A. Keys only B has (and that hold "model") are copied from B.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from mergers.arch import Architecture, block_of, detect_architecture, require_supported
+from mergers.checkpoint import Checkpoint
+from mergers.errors import ArchitectureError
+from mergers.methods import MergeMethod
+from mergers.recipe import Recipe
+from mergers.weights import BlockWeights, parse_weights
+from mergers.writer import TensorSpec, cast_for_output, output_dtype
+
+CLIP_IDS_KEY = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+# The original never copies these from B (CHCKPOINT_DICT_SKIP_ON_MERGE).
+SKIP_FROM_B = frozenset({CLIP_IDS_KEY})
+# prune keeps only these components (the original's prune_model).
+PRUNE_KEEP = {"sd1": ("diffusion_model.", "first_stage_model.", "cond_stage_model."),
+              "sdxl": ("diffusion_model.", "first_stage_model.", "conditioner.")}
+VAE_PREFIX = "first_stage_model."
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The opened input files of one merge."""
+
+    a: Checkpoint
+    b: Checkpoint
+    c: Optional[Checkpoint] = None
+    vae: Optional[Checkpoint] = None
+
+
+@dataclass(frozen=True)
+class KeyStep:
+    """What to do for one output key."""
+
+    spec: TensorSpec  # the output key, dtype and shape
+    action: str  # "merge" | "copy_a" | "copy_b" | "vae" | "clip_ids"
+    block: Optional[str] = None
+    alpha: float = 0.0
+    beta: float = 0.0
+    channels: Optional[int] = None  # inpainting A: merge only [:, :channels]
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Every output key's step, plus what they were derived from."""
+
+    recipe: Recipe
+    method: MergeMethod
+    arch: Architecture
+    steps: tuple[KeyStep, ...]
+    weights_alpha: Optional[BlockWeights] = None
+    weights_beta: Optional[BlockWeights] = None
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        return [step.spec for step in self.steps]
+
+    def count(self, action: str) -> int:
+        return sum(step.action == action for step in self.steps)
+
+
+def plan_merge(recipe: Recipe, sources: Sources) -> MergePlan:
+    """Check the inputs against the recipe and plan every output key.
+
+    Example:
+        >>> plan = plan_merge(recipe, Sources(open_checkpoint(a), open_checkpoint(b)))
+        >>> plan.count("merge")
+        1130
+    """
+    method = recipe.method
+    _check_model_count(method, sources)
+    arch = _common_architecture(sources)
+    weights_alpha = _block_weights(recipe.weights_alpha, arch, "alpha")
+    weights_beta = _block_weights(recipe.weights_beta, arch, "beta") if method.uses_beta else None
+    context = _Context(recipe, method, arch, sources, weights_alpha, weights_beta, output_dtype(recipe.dtype))
+    steps = [step for key in sources.a if (step := _step_for_a_key(key, context))]
+    steps += [_copy_from_b(key, context) for key in sources.b if _only_in_b(key, context)]
+    return MergePlan(recipe, method, arch, tuple(steps), weights_alpha, weights_beta)
+
+
+@dataclass(frozen=True)
+class _Context:
+    recipe: Recipe
+    method: MergeMethod
+    arch: Architecture
+    sources: Sources
+    weights_alpha: Optional[BlockWeights]
+    weights_beta: Optional[BlockWeights]
+    out_dtype: Optional[torch.dtype]
+
+    @property
+    def merged_models(self) -> list[Checkpoint]:
+        models = [self.sources.a, self.sources.b, self.sources.c]
+        return models[: self.method.models]
+
+
+def _step_for_a_key(key: str, ctx: _Context) -> Optional[KeyStep]:
+    a = ctx.sources.a
+    if ctx.recipe.prune and not _kept_by_prune(key, ctx.arch):
+        return None
+    spec = TensorSpec(key, _out_dtype(a.dtype(key), ctx), a.shape(key))
+    if ctx.recipe.reset_clip and key == CLIP_IDS_KEY:
+        return KeyStep(TensorSpec(key, torch.int64, spec.shape), "clip_ids")
+    if _baked_vae_key(key, ctx):
+        return KeyStep(spec, "vae")
+    block = block_of(key, ctx.arch.layout)
+    if not _merges(key, block, ctx):
+        return KeyStep(spec, "copy_a")
+    channels = _merge_channels(key, ctx)
+    alpha = _ratio(ctx.weights_alpha, block, ctx.recipe.alpha)
+    beta = _ratio(ctx.weights_beta, block, ctx.recipe.beta)
+    return KeyStep(spec, "merge", block, alpha, beta, channels)
+
+
+def _merges(key: str, block: Optional[str], ctx: _Context) -> bool:
+    if block is None or "model" not in key or not ("weight" in key or "bias" in key):
+        return False
+    return all(key in model for model in ctx.merged_models[1:])
+
+
+def _only_in_b(key: str, ctx: _Context) -> bool:
+    if key in ctx.sources.a or key in SKIP_FROM_B or "model" not in key:
+        return False
+    return not ctx.recipe.prune or _kept_by_prune(key, ctx.arch)
+
+
+def _copy_from_b(key: str, ctx: _Context) -> KeyStep:
+    b = ctx.sources.b
+    return KeyStep(TensorSpec(key, _out_dtype(b.dtype(key), ctx), b.shape(key)), "copy_b")
+
+
+def _ratio(weights: Optional[BlockWeights], block: Optional[str], scalar: float) -> float:
+    return weights.value_of(block) if weights is not None and block is not None else scalar
+
+
+def _out_dtype(dtype: torch.dtype, ctx: _Context) -> torch.dtype:
+    return cast_for_output(torch.empty((), dtype=dtype), ctx.out_dtype).dtype
+
+
+def _kept_by_prune(key: str, arch: Architecture) -> bool:
+    keep = PRUNE_KEEP["sdxl" if arch.family == "sdxl" else "sd1"]
+    return any(part in key for part in keep)
+
+
+def _baked_vae_key(key: str, ctx: _Context) -> bool:
+    vae = ctx.sources.vae
+    if vae is None or not key.startswith(VAE_PREFIX):
+        return False
+    inner = key[len(VAE_PREFIX):]
+    if inner not in vae:
+        return False
+    if tuple(vae.shape(inner)) != tuple(ctx.sources.a.shape(key)):
+        raise ArchitectureError(
+            f"VAE {vae.name}: {inner!r} has shape {list(vae.shape(inner))}, "
+            f"model A's {key!r} has {list(ctx.sources.a.shape(key))}; is it a VAE for this architecture?"
+        )
+    return True
+
+
+def _merge_channels(key: str, ctx: _Context) -> Optional[int]:
+    """None when the shapes agree; the common channel count for an inpainting/pix2pix A."""
+    models = ctx.merged_models
+    shape_a = tuple(models[0].shape(key))
+    others = [tuple(m.shape(key)) for m in models[1:]]
+    if all(shape == shape_a for shape in others):
+        return None
+    if all(_differs_in_channels_only(shape_a, shape) for shape in others):
+        return min(shape[1] for shape in [shape_a, *others])
+    culprit = next(m for m in models[1:] if tuple(m.shape(key)) != shape_a)
+    raise ArchitectureError(
+        f"{key!r} has shape {list(shape_a)} in model A ({models[0].name}) but "
+        f"{list(culprit.shape(key))} in {culprit.name}; these models cannot be merged"
+    )
+
+
+def _differs_in_channels_only(shape_a: tuple, shape: tuple) -> bool:
+    """Inpainting (9) and instruct-pix2pix (8) inputs differ from 4-channel models in dim 1 only."""
+    if len(shape_a) < 2 or len(shape) != len(shape_a) or shape_a[:1] + shape_a[2:] != shape[:1] + shape[2:]:
+        return False
+    if shape[1] > shape_a[1]:
+        kind = "inpainting" if shape[1] == 9 else "instruct-pix2pix" if shape[1] == 8 else "wider"
+        raise ArchitectureError(
+            f"when merging an {kind} model with a normal one, model A must be the {kind} model "
+            f"(A has {shape_a[1]} input channels, another model has {shape[1]})"
+        )
+    return True
+
+
+def _check_model_count(method: MergeMethod, sources: Sources) -> None:
+    if method.models == 3 and sources.c is None:
+        raise ArchitectureError(f"{method.label!r} needs model C")
+
+
+def _common_architecture(sources: Sources) -> Architecture:
+    models = [m for m in (sources.a, sources.b, sources.c) if m is not None]
+    archs = [detect_architecture(m.shapes, m.metadata, source=m.name) for m in models]
+    for model, arch in zip(models, archs):
+        require_supported(arch, source=model.name)
+    for model, arch in zip(models[1:], archs[1:]):
+        if arch.layout != archs[0].layout or arch.family != archs[0].family:
+            raise ArchitectureError(
+                f"model A ({models[0].name}) is {archs[0].label} but {model.name} is {arch.label}; "
+                "merge models of the same architecture"
+            )
+    return archs[0]
+
+
+def _block_weights(text: Optional[str], arch: Architecture, name: str) -> Optional[BlockWeights]:
+    return None if text is None else parse_weights(text, arch.layout)

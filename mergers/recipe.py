@@ -1,0 +1,136 @@
+"""The Recipe: the one description of a merge.
+
+The CLI, the UI, the API, history and a saved model's metadata all speak it.
+A Recipe is frozen and validated when built; it serialises to versioned JSON
+and back without loss.
+
+Example:
+    >>> r = Recipe(model_a="a.safetensors", model_b="b.safetensors", mode="Weight sum", alpha=0.3)
+    >>> Recipe.from_json(r.to_json()) == r
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+from mergers.errors import RecipeError
+from mergers.methods import method_for
+from mergers.methods.modes import calcmode_name, mode_name
+from mergers.writer import OUTPUT_DTYPES
+
+RECIPE_FORMAT = "supermerger-recipe"
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What to merge and how; every field has the original SuperMerger's meaning."""
+
+    model_a: str
+    model_b: str
+    model_c: str | None = None
+    mode: str = "weight_sum"
+    calcmode: str = "normal"
+    alpha: float = 0.5
+    beta: float = 0.25
+    # Block weights, as typed: 26/20 numbers, a preset name or the readable form.
+    # When set they decide every key (BASE is their first value) and the scalar is unused.
+    weights_alpha: str | None = None
+    weights_beta: str | None = None
+    dtype: str | None = None  # "fp16" | "bf16" | "fp32" | None: as model A
+    prune: bool = False
+    reset_clip: bool = False
+    bake_vae: str | None = None
+
+    def __post_init__(self):
+        set_ = object.__setattr__  # normalising inside a frozen dataclass
+        set_(self, "mode", mode_name(self.mode))
+        set_(self, "calcmode", calcmode_name(self.calcmode))
+        for name in ("alpha", "beta"):
+            set_(self, name, _finite(name, getattr(self, name)))
+        for name in ("model_c", "weights_alpha", "weights_beta", "dtype", "bake_vae"):
+            set_(self, name, _blank_to_none(getattr(self, name)))
+        _check(self)
+
+    @property
+    def method(self):
+        """The registered merge method this recipe runs."""
+        return method_for(self.mode, self.calcmode)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The input models the method needs, A first."""
+        return (self.model_a, self.model_b, self.model_c)[: self.method.models]
+
+    def with_changes(self, **changes) -> "Recipe":
+        """A copy with some fields changed (validated again).
+
+        Example:
+            >>> [recipe.with_changes(alpha=x) for x in (0.2, 0.4)]
+        """
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {"format": RECIPE_FORMAT, "version": RECIPE_VERSION, **asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        """Build a recipe from ``to_dict`` output (or a hand-written dict)."""
+        if not isinstance(data, dict):
+            raise RecipeError(f"a recipe must be a JSON object, not {type(data).__name__}")
+        version = data.get("version", RECIPE_VERSION)
+        if not isinstance(version, int) or version > RECIPE_VERSION:
+            raise RecipeError(f"recipe version {version!r} is newer than this supermerger understands ({RECIPE_VERSION})")
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known - {"format", "version"}
+        if unknown:
+            raise RecipeError(f"unknown recipe field(s): {', '.join(sorted(unknown))}")
+        missing = [name for name in ("model_a", "model_b") if not data.get(name)]
+        if missing:
+            raise RecipeError(f"recipe is missing {', '.join(missing)}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Recipe":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise RecipeError(f"recipe is not valid JSON: {error}") from None
+        return cls.from_dict(data)
+
+
+def _check(recipe: Recipe) -> None:
+    method = recipe.method
+    if method.models == 3 and not recipe.model_c:
+        raise RecipeError(f"{method.label!r} needs model C")
+    if not recipe.model_a or not recipe.model_b:
+        raise RecipeError("a merge needs model A and model B")
+    if recipe.dtype is not None and recipe.dtype not in OUTPUT_DTYPES:
+        raise RecipeError(f"dtype {recipe.dtype!r} is not one of {', '.join(OUTPUT_DTYPES)} (or empty for 'as model A')")
+    for name in ("prune", "reset_clip"):
+        if not isinstance(getattr(recipe, name), bool):
+            raise RecipeError(f"{name} must be true or false, not {getattr(recipe, name)!r}")
+
+
+def _finite(name: str, value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise RecipeError(f"{name} must be a number, not {value!r}") from None
+    if not math.isfinite(number):
+        raise RecipeError(f"{name} must be a finite number, not {value!r}")
+    return number
+
+
+def _blank_to_none(value):
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise RecipeError(f"expected text, got {value!r}")
+    return value.strip()

@@ -1,0 +1,242 @@
+"""Writing safetensors as a stream, safely.
+
+The header (every key's dtype, shape and offsets) is written first, from the
+plan, then each tensor as it arrives, so the whole model is never in memory.
+Everything goes to a temp file beside the target that is renamed over it only
+once complete and verified: a failure or a kill leaves no half-written model,
+and temp files left by a killed run are swept on the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergers.checkpoint import SafetensorsCheckpoint, dtype_name
+from mergers.errors import OutputError
+
+TEMP_MARK = ".supermerger-partial-"
+
+OUTPUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of the file to write: its key, dtype and shape."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = torch.Size(self.shape).numel()
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+def output_dtype(name: str | None) -> torch.dtype | None:
+    """Map ``fp16``/``bf16``/``fp32`` (or None, "as A") to a torch dtype.
+
+    Example:
+        >>> output_dtype("bf16")
+        torch.bfloat16
+    """
+    if name in (None, "", "as_a", "as A"):
+        return None
+    try:
+        return OUTPUT_DTYPES[name]
+    except KeyError:
+        raise OutputError(f"unknown output dtype {name!r}; use fp16, bf16 or fp32") from None
+
+
+def cast_for_output(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Cast floating-point tensors to ``dtype``; integer buffers (position_ids) stay as they are."""
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    return tensor.to(dtype)
+
+
+class SafetensorsWriter:
+    """Write a safetensors file key by key, in the order of ``specs``.
+
+    Example:
+        >>> with SafetensorsWriter("out.safetensors", specs) as out:
+        ...     for key, tensor in stream: out.write(key, tensor)
+    """
+
+    def __init__(self, path, specs: Sequence[TensorSpec], *, metadata: Mapping[str, str] | None = None,
+                 overwrite: bool = False, protect: Iterable[str | os.PathLike] = ()):
+        self.path = Path(path)
+        check_output_path(self.path, overwrite=overwrite, protect=protect)
+        sweep_stale_temp_files(self.path.parent)
+        self._specs = list(specs)
+        self._next = 0
+        self._temp = self.path.parent / f".{self.path.name}{TEMP_MARK}{os.getpid()}"
+        self._file = open(self._temp, "wb", buffering=0)
+        try:
+            header = encode_header(self._specs, metadata)
+            self._expected_size = len(header) + sum(spec.nbytes for spec in self._specs)
+            self._write(header)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor; it must match the planned key, dtype and shape."""
+        if self._next >= len(self._specs):
+            raise OutputError(f"{self.path}: unexpected extra tensor {key!r}")
+        spec = self._specs[self._next]
+        if key != spec.key or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise OutputError(
+                f"{self.path}: expected {spec.key!r} {spec.dtype} {list(spec.shape)}, "
+                f"got {key!r} {tensor.dtype} {list(tensor.shape)}"
+            )
+        self._write(tensor_bytes(tensor))
+        self._next += 1
+
+    def commit(self) -> Path:
+        """Finish the file: check it, flush it to disk and rename it into place."""
+        if self._next != len(self._specs):
+            missing = self._specs[self._next].key
+            self.abort()
+            raise OutputError(f"{self.path}: stream ended before {missing!r}; nothing was written")
+        try:
+            os.fsync(self._file.fileno())
+            self._file.close()
+            verify_written(self._temp, self._expected_size, len(self._specs))
+            os.replace(self._temp, self.path)
+            _fsync_dir(self.path.parent)
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the partial file."""
+        if not self._file.closed:
+            self._file.close()
+        self._temp.unlink(missing_ok=True)
+
+    def _write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                view = view[self._file.write(view):]
+        except OSError as error:
+            raise OutputError(f"{self.path}: write failed ({error.strerror or error}); nothing was saved") from None
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def save_checkpoint(path, tensors: Mapping[str, torch.Tensor], *, dtype: str | None = None,
+                    metadata: Mapping[str, str] | None = None, overwrite: bool = False,
+                    protect: Iterable[str | os.PathLike] = ()) -> Path:
+    """Save a mapping of tensors as safetensors, atomically.
+
+    Example:
+        >>> save_checkpoint("out.safetensors", {"w": torch.ones(2, 2)}, dtype="fp16")
+        PosixPath('out.safetensors')
+    """
+    target = output_dtype(dtype)
+    specs = [TensorSpec(k, _cast_dtype(v, target), tuple(v.shape)) for k, v in tensors.items()]
+    with SafetensorsWriter(path, specs, metadata=metadata, overwrite=overwrite, protect=protect) as out:
+        for key, tensor in tensors.items():
+            out.write(key, cast_for_output(tensor, target))
+    return Path(path)
+
+
+def encode_header(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None) -> bytes:
+    """The safetensors header for ``specs`` laid out back to back, padded to 8 bytes."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for spec in specs:
+        header[spec.key] = {"dtype": dtype_name(spec.dtype), "shape": list(spec.shape),
+                            "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    body = json.dumps(header, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)  # readers may expect 8-byte aligned data
+    return struct.pack("<Q", len(body)) + body
+
+
+def tensor_bytes(tensor: torch.Tensor):
+    """A zero-copy byte view of a CPU tensor (copies only if not contiguous)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy() if flat.numel() else b""
+
+
+def verify_written(path: Path, expected_size: int, expected_count: int) -> None:
+    """Re-read the header of a finished temp file and check its size and key count."""
+    size = path.stat().st_size
+    if size != expected_size:
+        raise OutputError(f"{path}: wrote {size} bytes, expected {expected_size}")
+    with SafetensorsCheckpoint(path) as written:
+        if len(written) != expected_count:
+            raise OutputError(f"{path}: header lists {len(written)} tensors, expected {expected_count}")
+
+
+def check_output_path(path: Path, *, overwrite: bool, protect: Iterable[str | os.PathLike]) -> None:
+    """Refuse to write over an input (however spelt) or, without ``overwrite``, over any file."""
+    for source in protect:
+        if _same_file(path, Path(source)):
+            raise OutputError(f"{path}: refusing to overwrite an input model ({source})")
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path}: file exists; choose another name or allow overwriting")
+    if not path.parent.is_dir():
+        raise OutputError(f"{path}: folder {path.parent} does not exist")
+
+
+def sweep_stale_temp_files(folder: Path) -> None:
+    """Remove temp files of earlier saves whose process is gone (killed mid-write)."""
+    for temp in folder.glob(f".*{TEMP_MARK}*"):
+        pid = temp.name.rsplit(TEMP_MARK, 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            temp.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def _cast_dtype(tensor: torch.Tensor, target: torch.dtype | None) -> torch.dtype:
+    return cast_for_output(torch.empty((), dtype=tensor.dtype), target).dtype
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
