@@ -12,6 +12,7 @@ Pickle checkpoints (``.ckpt``/``.pt``/``.pth``) go through
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -277,10 +278,37 @@ def _pread_into(fd: int, buffer, offset: int, path: Path, key: str) -> None:
 
 # pickles --------------------------------------------------------------------
 
+class _InertObject:
+    """Stands in for training-time objects that old ``.ckpt`` files carry (Lightning's
+    ModelCheckpoint callback, which A1111's own loader also lets through): it runs no
+    code, keeps no state, and never reaches the state dict."""
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+def _inert_globals() -> list:
+    """Globals of real SD ``.ckpt`` files that are data, not code, allowed on top of torch's own."""
+    names = ["pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"]
+    allowed: list = [(_InertObject, name) for name in names]
+    try:  # old checkpoints store global_step as a numpy scalar
+        import numpy
+
+        core = getattr(numpy, "_core", None) or numpy.core  # renamed in numpy 2
+        scalar = core.multiarray.scalar
+        allowed += [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+                    numpy.dtype] + [type(numpy.dtype(code)) for code in ("f8", "i8", "f4")]
+    except (ImportError, AttributeError):
+        pass
+    return allowed
+
+
 def _safe_torch_load(path: Path) -> object:
     mmap = zipfile.is_zipfile(path)  # only the zip format can be memory-mapped
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with allow(_inert_globals()) if allow else contextlib.nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises many types here; all mean "can't load safely"
         raise _pickle_error(path, error) from None
 

@@ -214,3 +214,29 @@ def test_killed_writer_leaves_no_output_and_next_save_sweeps_its_temp(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if TEMP_MARK in p.name]  # the kill left its temp file
     save_checkpoint(tmp_path / "next.safetensors", {"w": torch.ones(1)})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["next.safetensors"]
+
+
+def test_old_lightning_ckpt_loads_without_running_its_objects(tmp_path, monkeypatch):
+    """Real SD1 .ckpt files carry a Lightning callback object and a numpy global_step."""
+    import types
+
+    import numpy
+
+    module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+
+    class ModelCheckpoint:
+        def __init__(self):
+            self.best_model_path = "x"
+
+    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = module.__name__, "ModelCheckpoint"
+    module.ModelCheckpoint = ModelCheckpoint
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    path = tmp_path / "sd-v1-4.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": numpy.int64(470000),
+                "callbacks": {ModelCheckpoint: ModelCheckpoint()}}, path)
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
+        monkeypatch.delitem(sys.modules, name)  # as on a machine without Lightning
+    with open_checkpoint(path) as ckpt:
+        assert list(ckpt) == ["w"]

@@ -86,7 +86,7 @@ def test_triple_sum_with_beta_zero_is_weight_sum():
 
 def test_registry_rows():
     assert {m.name: (m.models, m.params, m.precision) for m in METHODS.values()} == {
-        "weight_sum": (2, ("alpha",), "fp32"),
+        "weight_sum": (2, ("alpha",), "native"),
         "add_difference": (3, ("alpha",), "native"),
         "triple_sum": (3, ("alpha", "beta"), "native"),
         "sum_twice": (3, ("alpha", "beta"), "fp32"),
@@ -108,3 +108,12 @@ def test_unknown_names_suggest_the_nearest():
         method_for("Weight sum", "cosineZ")
     with pytest.raises(RecipeError, match="unknown merge method"):
         get_method("nope")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 0.77, 0.123456789])
+def test_native_weight_sum_equals_the_originals_fp32_lerp(dtype, alpha):
+    """Why weight_sum may run natively: lerp on fp16/bf16 rounds once, like the original's fp32 round trip."""
+    generator = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(100_003, generator=generator).to(dtype) for _ in range(2))
+    assert torch.equal(weight_sum(a, b, alpha=alpha), torch.lerp(a.float(), b.float(), alpha).to(dtype))
