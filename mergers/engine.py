@@ -61,42 +61,76 @@ def run_plan(plan: MergePlan, sources: Sources, *, device: Optional[str] = None,
              readahead_bytes: int = DEFAULT_READAHEAD_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, tensor)`` for every planned output key, in plan order.
 
+    Methods with a prepass (cosineA/B) first stream A and B once for their
+    statistics; progress counts both passes.
+
     Example:
         >>> for key, tensor in run_plan(plan, sources):
         ...     writer.write(key, tensor)
     """
     compute = resolve_device(device)
-    total = len(plan.steps)
-    with _Prefetcher(plan.steps, sources, readahead_bytes) as inputs:
-        for done, (step, tensors) in enumerate(inputs, start=1):
-            if cancel is not None and cancel.is_set():
-                raise MergeCancelled(f"merge cancelled at key {done} of {total} ({step.key})")
-            result = compute_step(plan, step, tensors, compute)
+    progress = _Progress(len(plan.prepass_keys) + len(plan.steps), on_progress, cancel)
+    stats = run_prepass(plan, sources, compute, progress, readahead_bytes) if plan.method.prepass else {}
+    reads = lambda step: step_inputs(step, sources, plan.method.models)  # noqa: E731
+    with _Prefetcher(plan.steps, reads, readahead_bytes) as inputs:
+        for step, tensors in inputs:
+            progress.check(step.key)
+            result = compute_step(plan, step, tensors, compute, stats)
             yield step.key, result.to(output_device)
-            if on_progress is not None:
-                on_progress(done, total, step.key)
+            progress.advance(step.key)
+
+
+def run_prepass(plan: MergePlan, sources: Sources, device: torch.device, progress: "_Progress",
+                readahead_bytes: int = DEFAULT_READAHEAD_BYTES) -> dict:
+    """Stream A and B over the prepass keys and reduce them to the method's statistics."""
+    prepass = plan.method.prepass
+    collected = []
+    reads = lambda key: [(sources.a, key), (sources.b, key)]  # noqa: E731
+    with _Prefetcher(plan.prepass_keys, reads, readahead_bytes) as inputs:
+        for key, (a, b) in inputs:
+            progress.check(key)
+            collected.append(prepass.collect(a.to(device), b.to(device)))
+            progress.advance(key)
+    return prepass.reduce(collected)
+
+
+class _Progress:
+    """Counts done keys for the callback and raises when the cancel token is set."""
+
+    def __init__(self, total: int, callback: Optional[ProgressCallback], cancel: Optional[CancelToken]):
+        self.total, self.done, self._callback, self._cancel = total, 0, callback, cancel
+
+    def check(self, key: str) -> None:
+        if self._cancel is not None and self._cancel.is_set():
+            raise MergeCancelled(f"merge cancelled at key {self.done + 1} of {self.total} ({key})")
+
+    def advance(self, key: str) -> None:
+        self.done += 1
+        if self._callback is not None:
+            self._callback(self.done, self.total, key)
 
 
 def compute_step(plan: MergePlan, step: KeyStep, tensors: list[torch.Tensor],
-                 device: torch.device) -> torch.Tensor:
+                 device: torch.device, stats: Optional[dict] = None) -> torch.Tensor:
     """The output tensor of one step, in its planned dtype."""
     if step.action == "clip_ids":
         return torch.arange(step.spec.shape[-1], dtype=torch.int64).reshape(step.spec.shape)
     if step.action != "merge":
         return tensors[0].to(step.spec.dtype)
     try:
-        return _merge_tensors(plan, step, tensors, device).to(step.spec.dtype)
+        return _merge_tensors(plan, step, tensors, device, stats or {}).to(step.spec.dtype)
     except (RuntimeError, ValueError) as error:  # name the key, not a frame deep inside torch
         raise MergeError(f"merging {step.key!r} failed: {error}") from error
 
 
 def _merge_tensors(plan: MergePlan, step: KeyStep, tensors: list[torch.Tensor],
-                   device: torch.device) -> torch.Tensor:
+                   device: torch.device, stats: dict) -> torch.Tensor:
     dtype = _compute_dtype(plan.method.precision, tensors)
     inputs = [t.to(device=device, dtype=dtype, non_blocking=True) for t in tensors]
     if step.channels is not None:  # inpainting A: merge the channels the models share
         inputs = [t[:, : step.channels] for t in inputs]
-    params = {"alpha": step.alpha, "beta": step.beta}
+    params = {"alpha": step.alpha, "beta": step.beta, "gamma": plan.recipe.gamma, "seed": plan.recipe.seed,
+              "key": step.key, **stats}
     merged = plan.method.func(*inputs, **{name: params[name] for name in plan.method.params})
     if step.channels is None:
         return merged
@@ -129,20 +163,19 @@ def step_inputs(step: KeyStep, sources: Sources, model_count: int) -> list:
 
 
 class _Prefetcher:
-    """Reads each step's inputs on a background thread, a bounded number of bytes ahead."""
+    """Reads each item's input tensors on a background thread, a bounded number of bytes ahead."""
 
     _DONE = object()
 
-    def __init__(self, steps, sources: Sources, budget: int):
-        self._steps = steps
-        self._sources = sources
+    def __init__(self, items, reads: Callable[[object], list], budget: int):
+        self._items = items
+        self._reads = reads
         self._budget = budget
         self._in_flight = 0
         self._lock = threading.Condition()
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="supermerger-reader", daemon=True)
-        self._model_count = 3 if sources.c is not None else 2
 
     def __enter__(self):
         self._thread.start()
@@ -155,18 +188,18 @@ class _Prefetcher:
                 return
             if isinstance(item, BaseException):
                 raise item
-            step, tensors, size = item
-            yield step, tensors
+            entry, tensors, size = item
+            yield entry, tensors
             self._release(size)
 
     def _run(self) -> None:
         try:
-            for step in self._steps:
-                tensors = [model[key] for model, key in step_inputs(step, self._sources, self._model_count)]
+            for item in self._items:
+                tensors = [model[key] for model, key in self._reads(item)]
                 size = sum(t.numel() * t.element_size() for t in tensors)
                 if not self._reserve(size):
                     return
-                self._queue.put((step, tensors, size))
+                self._queue.put((item, tensors, size))
             self._queue.put(self._DONE)
         except BaseException as error:  # handed to the consumer, which raises it
             self._queue.put(error)

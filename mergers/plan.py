@@ -22,7 +22,7 @@ from mergers.arch import Architecture, block_of, detect_architecture, require_su
 from mergers.checkpoint import Checkpoint
 from mergers.errors import ArchitectureError
 from mergers.methods import MergeMethod
-from mergers.recipe import Recipe
+from mergers.recipe import Recipe, resolve_seed
 from mergers.weights import BlockWeights, parse_weights
 from mergers.writer import TensorSpec, cast_for_output, output_dtype
 
@@ -71,6 +71,7 @@ class MergePlan:
     steps: tuple[KeyStep, ...]
     weights_alpha: Optional[BlockWeights] = None
     weights_beta: Optional[BlockWeights] = None
+    prepass_keys: tuple[str, ...] = ()  # keys a statistics pass reads first (cosineA/B)
 
     @property
     def specs(self) -> list[TensorSpec]:
@@ -88,15 +89,17 @@ def plan_merge(recipe: Recipe, sources: Sources) -> MergePlan:
         >>> plan.count("merge")
         1130
     """
+    recipe = resolve_seed(recipe)
     method = recipe.method
     _check_model_count(method, sources)
+    method.check_bounds(gamma=recipe.gamma)
     arch = _common_architecture(sources)
     weights_alpha = _block_weights(recipe.weights_alpha, arch, "alpha")
     weights_beta = _block_weights(recipe.weights_beta, arch, "beta") if method.uses_beta else None
     context = _Context(recipe, method, arch, sources, weights_alpha, weights_beta, output_dtype(recipe.dtype))
     steps = [step for key in sources.a if (step := _step_for_a_key(key, context))]
     steps += [_copy_from_b(key, context) for key in sources.b if _only_in_b(key, context)]
-    return MergePlan(recipe, method, arch, tuple(steps), weights_alpha, weights_beta)
+    return MergePlan(recipe, method, arch, tuple(steps), weights_alpha, weights_beta, _prepass_keys(context))
 
 
 @dataclass(frozen=True)
@@ -130,13 +133,24 @@ def _step_for_a_key(key: str, ctx: _Context) -> Optional[KeyStep]:
     channels = _merge_channels(key, ctx)
     alpha = _ratio(ctx.weights_alpha, block, ctx.recipe.alpha)
     beta = _ratio(ctx.weights_beta, block, ctx.recipe.beta)
+    ctx.method.check_bounds(alpha=alpha, beta=beta)
     return KeyStep(spec, "merge", block, alpha, beta, channels)
 
 
 def _merges(key: str, block: Optional[str], ctx: _Context) -> bool:
     if block is None or "model" not in key or not ("weight" in key or "bias" in key):
         return False
+    if ctx.method.skips(key):
+        return False
     return all(key in model for model in ctx.merged_models[1:])
+
+
+def _prepass_keys(ctx: _Context) -> tuple[str, ...]:
+    """Keys of A and B with equal shapes that the method's statistics pass wants."""
+    prepass, a, b = ctx.method.prepass, ctx.sources.a, ctx.sources.b
+    if prepass is None:
+        return ()
+    return tuple(key for key in a if key in b and prepass.wants(key) and a.shape(key) == b.shape(key))
 
 
 def _only_in_b(key: str, ctx: _Context) -> bool:

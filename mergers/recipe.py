@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from dataclasses import asdict, dataclass, fields, replace
 
 from mergers.errors import RecipeError
@@ -40,6 +41,8 @@ class Recipe:
     # When set they decide every key (BASE is their first value) and the scalar is unused.
     weights_alpha: str | None = None
     weights_beta: str | None = None
+    gamma: float = 0.3  # the original's "option(gamma)", used by calcmode extract
+    seed: int = -1  # for calcmode "plus random"; -1 draws one when the merge runs (and records it)
     dtype: str | None = None  # "fp16" | "bf16" | "fp32" | None: as model A
     prune: bool = False
     reset_clip: bool = False
@@ -49,8 +52,9 @@ class Recipe:
         set_ = object.__setattr__  # normalising inside a frozen dataclass
         set_(self, "mode", mode_name(self.mode))
         set_(self, "calcmode", calcmode_name(self.calcmode))
-        for name in ("alpha", "beta"):
+        for name in ("alpha", "beta", "gamma"):
             set_(self, name, _finite(name, getattr(self, name)))
+        set_(self, "seed", _integer("seed", self.seed))
         for name in ("model_c", "weights_alpha", "weights_beta", "dtype", "bake_vae"):
             set_(self, name, _blank_to_none(getattr(self, name)))
         _check(self)
@@ -126,6 +130,30 @@ def _finite(name: str, value) -> float:
     if not math.isfinite(number):
         raise RecipeError(f"{name} must be a finite number, not {value!r}")
     return number
+
+
+def _integer(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise RecipeError(f"{name} must be an integer, not {value!r}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise RecipeError(f"{name} must be an integer, not {value!r}") from None
+    if number != float(value) or not -1 <= number < 2**63:
+        raise RecipeError(f"{name} must be an integer from -1 to 2**63 - 1, not {value!r}")
+    return number
+
+
+def resolve_seed(recipe: "Recipe") -> "Recipe":
+    """The recipe with seed -1 replaced by a fresh random seed, when its method uses one.
+
+    Example:
+        >>> resolve_seed(Recipe(model_a="a", model_b="b", calcmode="plus random")).seed >= 0
+        True
+    """
+    if recipe.seed != -1 or "seed" not in recipe.method.params:
+        return recipe
+    return recipe.with_changes(seed=secrets.randbelow(2**32))
 
 
 def _blank_to_none(value):

@@ -38,12 +38,20 @@ def test_sum_twice_known_answer():
     assert torch.allclose(sum_twice(A, B, C, alpha=0.5, beta=0.25), expected)
 
 
+# Keywords every method may take besides alpha/beta; cosine stats as a whole-model pass would give.
+EXTRA = {"gamma": 0.3, "seed": 7, "key": "model.diffusion_model.input_blocks.1.1.proj_in.weight",
+         "sims_min": -0.5, "sims_max": 1.0}
+# Methods that the original defines so that alpha = 0 (and beta = 0) does NOT give A.
+NOT_A_AT_ZERO = {"cosine_a", "cosine_b", "cosine_a_consistent", "extract"}
+
+
 def _call(method, a, b, c, **params):
     models = (a, b, c)[: method.models]
+    params = {**EXTRA, **params}
     return method.func(*models, **{k: v for k, v in params.items() if k in method.params})
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(set(METHODS) - NOT_A_AT_ZERO))
 def test_zero_ratios_give_a(name):
     method = METHODS[name]
     out = _call(method, A, B, C, alpha=0.0, beta=0.0)
@@ -51,9 +59,19 @@ def test_zero_ratios_give_a(name):
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_results_are_finite_and_shaped_like_a(name):
+def test_identical_inputs_give_a(name):
+    """Merging a model with itself changes nothing (self and plus random scale or add by design)."""
+    if name in ("self", "plus_random"):
+        pytest.skip("changes A by design")
+    out = _call(METHODS[name], A, A.clone(), A.clone(), alpha=0.4, beta=0.3)
+    assert torch.allclose(out, A)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("shape", [(5, 3), (6,), (4, 2, 3, 3)])
+def test_results_are_finite_and_shaped_like_a(name, shape):
     generator = torch.Generator().manual_seed(0)
-    a, b, c = (torch.randn(5, 3, generator=generator) for _ in range(3))
+    a, b, c = (torch.randn(shape, generator=generator) for _ in range(3))
     out = _call(METHODS[name], a, b, c, alpha=0.3, beta=0.2)
     assert out.shape == a.shape and torch.isfinite(out).all()
 
@@ -85,12 +103,13 @@ def test_triple_sum_with_beta_zero_is_weight_sum():
 
 
 def test_registry_rows():
-    assert {m.name: (m.models, m.params, m.precision) for m in METHODS.values()} == {
-        "weight_sum": (2, ("alpha",), "native"),
-        "add_difference": (3, ("alpha",), "native"),
-        "triple_sum": (3, ("alpha", "beta"), "native"),
-        "sum_twice": (3, ("alpha", "beta"), "fp32"),
-    }
+    rows = {m.name: (m.models, m.params, m.precision) for m in METHODS.values()}
+    assert rows["weight_sum"] == (2, ("alpha",), "native")
+    assert rows["add_difference"] == (3, ("alpha",), "native")
+    assert rows["triple_sum"] == (3, ("alpha", "beta"), "native")
+    assert rows["sum_twice"] == (3, ("alpha", "beta"), "fp32")
+    assert rows["extract"] == (3, ("alpha", "beta", "gamma"), "fp32")
+    assert rows["plus_random"] == (2, ("alpha", "seed", "key"), "fp32")
 
 
 @pytest.mark.parametrize("mode, name", [

@@ -17,15 +17,41 @@ MODES = {
     "sum_twice": "sum Twice",
 }
 
-CALCMODES = ("normal",)
+# The original's calculation modes, in its UI order, then our corrected variant.
+CALCMODES = ("normal", "cosineA", "cosineB", "trainDifference", "smoothAdd", "smoothAdd MT", "extract",
+             "tensor", "tensor2", "self", "plus random", "cosineA consistent")
 
-# (mode, calcmode) → registered method name
+# (mode, calcmode) → registered method name. Pairs follow the original's
+# calcmode_en.md ("Available modes"); a pair missing here is refused.
 METHOD_TABLE = {
     ("weight_sum", "normal"): "weight_sum",
     ("add_difference", "normal"): "add_difference",
     ("triple_sum", "normal"): "triple_sum",
     ("sum_twice", "normal"): "sum_twice",
+    ("weight_sum", "cosineA"): "cosine_a",
+    ("weight_sum", "cosineB"): "cosine_b",
+    ("weight_sum", "cosineA consistent"): "cosine_a_consistent",
+    ("add_difference", "trainDifference"): "train_difference",
+    ("add_difference", "smoothAdd"): "smooth_add",
+    # "MT" was the original's CPU thread pool; our torch filter is parallel (and on the GPU) either way.
+    ("add_difference", "smoothAdd MT"): "smooth_add",
+    ("add_difference", "extract"): "extract",
+    ("weight_sum", "tensor"): "tensor",
+    ("weight_sum", "tensor2"): "tensor2",
+    ("weight_sum", "self"): "self",
+    ("weight_sum", "plus random"): "plus_random",
 }
+
+
+def calcmodes_for(mode: str) -> list[str]:
+    """The calculation modes that go with ``mode`` (for the UI to offer).
+
+    Example:
+        >>> calcmodes_for("Add difference")
+        ['normal', 'trainDifference', 'smoothAdd', 'smoothAdd MT', 'extract']
+    """
+    mode = mode_name(mode)
+    return [c for c in CALCMODES if (mode, c) in METHOD_TABLE]
 
 
 def mode_name(text: str) -> str:
@@ -51,7 +77,14 @@ def calcmode_name(text: str) -> str:
     for calcmode in CALCMODES:
         if normalise_name(calcmode) == normalise_name(text):
             return calcmode
-    raise RecipeError(f"unknown calculation mode {text!r}{suggest(text, CALCMODES)}; choose one of {', '.join(CALCMODES)}")
+    raise RecipeError(f"unknown calculation mode {text!r}{_suggest_calcmode(text)}; choose one of {', '.join(CALCMODES)}")
+
+
+def _suggest_calcmode(text: str) -> str:
+    hint = suggest(text, CALCMODES)
+    for calcmode in CALCMODES:  # suggest() speaks snake_case; show the original's spelling
+        hint = hint.replace(repr(normalise_name(calcmode)), repr(calcmode))
+    return hint
 
 
 def method_for(mode: str, calcmode: str = "normal"):
@@ -64,6 +97,7 @@ def method_for(mode: str, calcmode: str = "normal"):
     mode, calcmode = mode_name(mode), calcmode_name(calcmode)
     name = METHOD_TABLE.get((mode, calcmode))
     if name is None:
-        valid = [c for (m, c) in METHOD_TABLE if m == mode]
-        raise RecipeError(f"calculation mode {calcmode!r} does not go with {MODES[mode]!r}; it takes {', '.join(valid)}")
+        takes = [MODES[m] for (m, c) in METHOD_TABLE if c == calcmode]
+        raise RecipeError(f"calculation mode {calcmode!r} does not go with {MODES[mode]!r}; "
+                          f"{calcmode} works with {', '.join(takes)}; {MODES[mode]} takes {', '.join(calcmodes_for(mode))}")
     return get_method(name)

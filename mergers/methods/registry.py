@@ -16,6 +16,7 @@ import difflib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Optional, Protocol
 
 from torch import Tensor
 
@@ -35,16 +36,46 @@ class MergeMethod:
     params: tuple[str, ...]  # keyword-only hyper-parameters, e.g. ("alpha", "beta")
     precision: str
     formula: str
+    skip_keys: tuple[str, ...] = ()  # keys holding any of these stay as A
+    prepass: Optional["Prepass"] = None  # statistics over the whole model, gathered first
+    bounds: tuple[tuple[str, float, float], ...] = ()  # (param, low, high) every ratio must respect
 
     @property
     def uses_beta(self) -> bool:
         return "beta" in self.params
 
+    def skips(self, key: str) -> bool:
+        """True when this method leaves ``key`` as in model A."""
+        return any(part in key for part in self.skip_keys)
+
+    def check_bounds(self, **values: float) -> None:
+        """Refuse a ratio outside the method's domain, naming it."""
+        for param, low, high in self.bounds:
+            value = values.get(param)
+            if value is not None and not low <= value <= high:
+                raise RecipeError(f"{self.label} needs {low} ≤ {param} ≤ {high}; got {param} = {value}")
+
 
 METHODS: dict[str, MergeMethod] = {}
 
 
-def merge_method(name: str, *, label: str, precision: str = "fp32", formula: str = ""):
+class Prepass(Protocol):
+    """Whole-model statistics a method needs before its first key (cosineA/B).
+
+    The executor streams the keys ``wants`` accepts, calls ``collect`` on each
+    (A, B) pair and hands ``reduce`` of all results to the method as keywords.
+    """
+
+    def wants(self, key: str) -> bool: ...
+
+    def collect(self, a: Tensor, b: Tensor) -> Any: ...
+
+    def reduce(self, collected: list) -> dict[str, Any]: ...
+
+
+def merge_method(name: str, *, label: str, precision: str = "fp32", formula: str = "",
+                 skip_keys: tuple[str, ...] = (), prepass: Optional[Prepass] = None,
+                 bounds: tuple[tuple[str, float, float], ...] = ()):
     """Register a pure merge function under ``name``; returns the function unchanged.
 
     Example:
@@ -61,7 +92,8 @@ def merge_method(name: str, *, label: str, precision: str = "fp32", formula: str
         models = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in signature)
         params = tuple(p.name for p in signature if p.kind is p.KEYWORD_ONLY)
         METHODS[name] = MergeMethod(name, label, func, models, params, precision,
-                                    formula or (func.__doc__ or "").strip().splitlines()[0])
+                                    formula or (func.__doc__ or "").strip().splitlines()[0],
+                                    skip_keys, prepass, bounds)
         return func
 
     return register
