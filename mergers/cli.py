@@ -17,10 +17,11 @@ from tqdm import tqdm
 from mergers.arch import detect_architecture
 from mergers.checkpoint import open_checkpoint
 from mergers.demo import ensure_demo_models
+from mergers.dice import Dice
 from mergers.errors import CheckpointError, MergeError
 from mergers.merge import merge_to_file
 from mergers.metadata import A1111_RECIPE_KEY, stored_recipe
-from mergers.methods import MODES
+from mergers.methods import CALCMODES, MODES
 from mergers.models import find_model
 from mergers.recipe import Recipe
 
@@ -55,16 +56,57 @@ def _add_merge(commands) -> None:
     cmd.add_argument("model_c", metavar="MODEL_C", nargs="?")
     cmd.add_argument("--mode", default="weight_sum",
                      help=f"merge mode: {', '.join(repr(v) for v in MODES.values())} or snake_case (default weight_sum)")
-    cmd.add_argument("--calcmode", default="normal", help="calculation mode (default normal)")
+    cmd.add_argument("--calcmode", default="normal",
+                     help=f"calculation mode: {', '.join(CALCMODES)} (default normal); "
+                          "each goes with some modes, see the README")
+    cmd.add_argument("--gamma", type=float, default=0.3, help="gamma for calcmode extract (default 0.3)")
+    cmd.add_argument("--seed", type=int, default=-1, help="seed for calcmode 'plus random' (default -1: random, recorded)")
     cmd.add_argument("--alpha", type=float, default=0.5, help="alpha for every merged key (default 0.5)")
     cmd.add_argument("--beta", type=float, default=0.25, help="beta, for Triple sum / sum Twice (default 0.25)")
     cmd.add_argument("--weights-alpha", metavar="W", help="block weights for alpha (see below)")
     cmd.add_argument("--weights-beta", metavar="W", help="block weights for beta")
+    _add_key_options(cmd)
+    _add_dice_options(cmd)
     _add_output_options(cmd)
     cmd.add_argument("--prune", action="store_true", help="drop EMA and training-only keys")
     cmd.add_argument("--reset-clip", action="store_true", help="reset broken CLIP position_ids to 0..76")
     cmd.add_argument("--bake-vae", metavar="VAE", help="replace the VAE with this file's weights")
     cmd.set_defaults(run=run_merge)
+
+
+def _add_key_options(cmd) -> None:
+    group = cmd.add_argument_group("per-key options")
+    group.add_argument("--elemental", metavar="TEXT",
+                       help='elemental merge: "Blocks:Elements:Ratio" entries, e.g. "OUT03-OUT05:attn2:0.5, NOT M00:norm:0"')
+    group.add_argument("--elemental-extended", action="store_true",
+                       help="SDXL: elemental block names are the 110 fine ids (IN411 …)")
+    chosen = group.add_mutually_exclusive_group()
+    chosen.add_argument("--include", metavar="BLOCKS", help='merge only these blocks, e.g. "IN00-IN05 M00 VAE"')
+    chosen.add_argument("--exclude", metavar="BLOCKS", help='keep these blocks as model A, e.g. "BASE VAE Adjust"')
+    group.add_argument("--filter-elements", metavar="TEXT",
+                       help='with --include/--exclude: also keys holding these comma-separated substrings')
+    group.add_argument("--adjust", metavar="IN,OUT,OUT2,CONT,BRI,COL1,COL2,COL3",
+                       help="detail, contrast, brightness and colour adjustments, e.g. 2,0,0,0,0,0,1,0")
+
+
+def _add_dice_options(cmd) -> None:
+    group = cmd.add_argument_group("let the dice roll (random block weights)")
+    group.add_argument("--dice", metavar="MODE", default="off", help="R, U, X, D, ER, EU, EX or custom (default off)")
+    group.add_argument("--dice-seed", type=int, default=-1, help="seed (default -1: random, recorded)")
+    group.add_argument("--dice-round", type=int, default=3, help="decimals (default 3)")
+    group.add_argument("--dice-custom", metavar="PATTERN", help="custom mode's 26 letters/numbers")
+    group.add_argument("--dice-upper", default="", help="upper limit for X, mid point of D (one or per block)")
+    group.add_argument("--dice-lower", default="", help="lower limit for X, range of D (aRp: a with chance p)")
+    group.add_argument("--dice-upper-clamp", default="", help="upper clamp for X and D")
+    group.add_argument("--dice-lower-clamp", default="", help="lower clamp for X and D")
+    group.add_argument("--dice-beta", action="store_true", help="roll beta's weights too")
+
+
+def _dice(args) -> Dice:
+    options = {"custom": args.dice_custom} if args.dice_custom else {}
+    return Dice(mode=args.dice, seed=args.dice_seed, round=args.dice_round, upper=args.dice_upper,
+                lower=args.dice_lower, upper_clamp=args.dice_upper_clamp, lower_clamp=args.dice_lower_clamp,
+                beta=args.dice_beta, **options)
 
 
 def _add_output_options(cmd) -> None:
@@ -99,10 +141,16 @@ def _add_demo(commands) -> None:
 
 
 def run_merge(args) -> int:
+    if args.filter_elements and not (args.include or args.exclude):
+        raise MergeError("--filter-elements needs --include or --exclude (say which of the two it means)")
     recipe = Recipe(model_a=args.model_a, model_b=args.model_b, model_c=args.model_c, mode=args.mode,
-                    calcmode=args.calcmode, alpha=args.alpha, beta=args.beta,
+                    calcmode=args.calcmode, alpha=args.alpha, beta=args.beta, gamma=args.gamma, seed=args.seed,
                     weights_alpha=args.weights_alpha, weights_beta=args.weights_beta, dtype=args.dtype,
-                    prune=args.prune, reset_clip=args.reset_clip, bake_vae=args.bake_vae)
+                    prune=args.prune, reset_clip=args.reset_clip, bake_vae=args.bake_vae,
+                    elemental=args.elemental, elemental_extended=args.elemental_extended,
+                    include_exclude="include" if args.include else "exclude" if args.exclude else "off",
+                    include_exclude_blocks=args.include or args.exclude,
+                    include_exclude_elements=args.filter_elements, adjust=args.adjust, dice=_dice(args))
     return _merge_and_report(recipe, args)
 
 

@@ -132,6 +132,8 @@ def _merge_tensors(plan: MergePlan, step: KeyStep, tensors: list[torch.Tensor],
     params = {"alpha": step.alpha, "beta": step.beta, "gamma": plan.recipe.gamma, "seed": plan.recipe.seed,
               "key": step.key, **stats}
     merged = plan.method.func(*inputs, **{name: params[name] for name in plan.method.params})
+    if step.adjust is not None:
+        merged = step.adjust(merged)
     if step.channels is None:
         return merged
     full = tensors[0].to(device=device, dtype=merged.dtype, copy=True)

@@ -14,8 +14,11 @@ from pathlib import Path
 
 from mergers.checkpoint import Checkpoint
 from mergers.errors import RecipeError
+from mergers.keyfilter import zeroed_weights
+from mergers.methods import MODES
 from mergers.plan import MergePlan, Sources
 from mergers.recipe import Recipe
+from mergers.weights import format_number
 
 RECIPE_KEY = "supermerger_recipe"
 A1111_RECIPE_KEY = "sd_merge_recipe"
@@ -80,19 +83,33 @@ def _a1111_recipe(plan: MergePlan, inputs: dict[str, Checkpoint]) -> dict:
         "type": "sd-webui-supermerger",
         "weights_alpha": list(wa.values[1:]) if wa else None,
         "weights_beta": list(wb.values[1:]) if wb else None,
-        "weights_alpha_orig": wa.as_text() if wa else None,
-        "weights_beta_orig": wb.as_text() if wb else None,
+        "weights_alpha_orig": _recorded(plan, wa),
+        "weights_beta_orig": _recorded(plan, wb),
         "model_a": inputs["model_a"].sha256(),
         "model_b": inputs["model_b"].sha256(),
         "model_c": inputs["model_c"].sha256() if "model_c" in inputs else "",
         "base_alpha": wa.values[0] if wa else recipe.alpha,
         "base_beta": wb.values[0] if wb else recipe.beta,
-        "mode": plan.method.label,
+        "mode": MODES[recipe.mode],
         "mbw": wa is not None,
-        "elemental_merge": "",
+        "elemental_merge": _entries(recipe.elemental),
         "calcmode": recipe.calcmode,
-        "Off": [""],
+        plan.key_filter.mode.capitalize(): [*plan.key_filter.blocks, *plan.key_filter.elements] or [""],
     }
+
+
+def _recorded(plan: MergePlan, weights) -> str | None:
+    """The weights as the original records them: blocks that include/exclude kept as A read 0."""
+    if weights is None:
+        return None
+    keys = [step.key for step in plan.steps]
+    values = zeroed_weights(plan.key_filter, weights.values, weights.layout, keys=keys) \
+        if plan.key_filter.active else weights.values
+    return ",".join(format_number(v) for v in values)
+
+
+def _entries(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").replace("\n", ",").split(",") if part.strip()]
 
 
 def _a1111_models(inputs: dict[str, Checkpoint]) -> dict:

@@ -13,14 +13,19 @@ stays as in A. Keys only B has (and that hold "model") are copied from B.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
-from mergers.arch import Architecture, block_of, detect_architecture, require_supported
+from mergers.adjust import Adjust, adjust_for_key, parse_adjust
+from mergers.arch import Architecture, block_ids, block_of, detect_architecture, fine_block_of_sdxl, require_supported
 from mergers.checkpoint import Checkpoint
+from mergers.dice import roll
+from mergers.elemental import ElementalRule, elemental_ratio, parse_elemental, uses_random
 from mergers.errors import ArchitectureError
+from mergers.keyfilter import KeyFilter, parse_key_filter, stays_as_a
 from mergers.methods import MergeMethod
 from mergers.recipe import Recipe, resolve_seed
 from mergers.weights import BlockWeights, parse_weights
@@ -55,6 +60,7 @@ class KeyStep:
     alpha: float = 0.0
     beta: float = 0.0
     channels: Optional[int] = None  # inpainting A: merge only [:, :channels]
+    adjust: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # the Adjust change, after merging
 
     @property
     def key(self) -> str:
@@ -72,6 +78,7 @@ class MergePlan:
     weights_alpha: Optional[BlockWeights] = None
     weights_beta: Optional[BlockWeights] = None
     prepass_keys: tuple[str, ...] = ()  # keys a statistics pass reads first (cosineA/B)
+    key_filter: KeyFilter = KeyFilter()
 
     @property
     def specs(self) -> list[TensorSpec]:
@@ -94,12 +101,48 @@ def plan_merge(recipe: Recipe, sources: Sources) -> MergePlan:
     _check_model_count(method, sources)
     method.check_bounds(gamma=recipe.gamma)
     arch = _common_architecture(sources)
+    recipe, draw = _roll_dice(recipe, arch, sources.a)
     weights_alpha = _block_weights(recipe.weights_alpha, arch, "alpha")
     weights_beta = _block_weights(recipe.weights_beta, arch, "beta") if method.uses_beta else None
-    context = _Context(recipe, method, arch, sources, weights_alpha, weights_beta, output_dtype(recipe.dtype))
+    context = _Context(recipe, method, arch, sources, weights_alpha, weights_beta, output_dtype(recipe.dtype),
+                       *_key_rules(recipe, arch), draw)
     steps = [step for key in sources.a if (step := _step_for_a_key(key, context))]
     steps += [_copy_from_b(key, context) for key in sources.b if _only_in_b(key, context)]
-    return MergePlan(recipe, method, arch, tuple(steps), weights_alpha, weights_beta, _prepass_keys(context))
+    return MergePlan(recipe, method, arch, tuple(steps), weights_alpha, weights_beta, _prepass_keys(context),
+                     context.key_filter)
+
+
+def _roll_dice(recipe: Recipe, arch: Architecture, model_a: Checkpoint) -> tuple[Recipe, Callable]:
+    """Draw the dice's weights into the recipe, and the per-key draws for random elemental ratios.
+
+    Element draws use a key's position in A's sorted key order: the original numbers
+    keys as a safetensors state dict lists them, and that order is sorted.
+    """
+    rolled = roll(recipe.dice, arch.layout, weights_alpha=recipe.weights_alpha, weights_beta=recipe.weights_beta)
+    elemental = ",".join(part for part in (recipe.elemental, rolled.elemental) if part)
+    changed = (rolled.weights_alpha, rolled.weights_beta, elemental) != \
+        (recipe.weights_alpha, recipe.weights_beta, recipe.elemental or "")
+    if changed or (elemental and uses_random(parse_elemental(elemental, arch.layout,
+                                                             extended=recipe.elemental_extended))):
+        recipe = recipe.with_changes(weights_alpha=rolled.weights_alpha, weights_beta=rolled.weights_beta,
+                                     elemental=elemental, dice=replace(recipe.dice, mode="off", seed=rolled.seed))
+    index = {key: n for n, key in enumerate(sorted(model_a))}
+    blocks = block_ids(arch.layout)
+
+    def draw(letter: str, key: str, block: str) -> float:
+        return rolled.element_draws.draw(letter, index[key], blocks.index(block))
+
+    return recipe, draw
+
+
+def _key_rules(recipe: Recipe, arch: Architecture) -> tuple:
+    """Elemental rules, the include/exclude filter and Adjust, parsed (and so checked) up front."""
+    layout = arch.layout
+    elemental = parse_elemental(recipe.elemental, layout, extended=recipe.elemental_extended) \
+        if recipe.elemental else ()
+    key_filter = parse_key_filter(recipe.include_exclude, recipe.include_exclude_blocks or "",
+                                  recipe.include_exclude_elements or "", layout=layout)
+    return elemental, key_filter, parse_adjust(recipe.adjust)
 
 
 @dataclass(frozen=True)
@@ -111,6 +154,10 @@ class _Context:
     weights_alpha: Optional[BlockWeights]
     weights_beta: Optional[BlockWeights]
     out_dtype: Optional[torch.dtype]
+    elemental: tuple[ElementalRule, ...] = ()
+    key_filter: KeyFilter = KeyFilter()
+    adjust: Optional[Adjust] = None
+    draw: Optional[Callable[[str, str, str], float]] = None  # (letter, key, block) → a random ratio
 
     @property
     def merged_models(self) -> list[Checkpoint]:
@@ -130,11 +177,18 @@ def _step_for_a_key(key: str, ctx: _Context) -> Optional[KeyStep]:
     block = block_of(key, ctx.arch.layout)
     if not _merges(key, block, ctx):
         return KeyStep(spec, "copy_a")
+    fine = fine_block_of_sdxl(key) if ctx.arch.layout == "sdxl" else None
+    if stays_as_a(ctx.key_filter, key, block, fine_block=fine):
+        return KeyStep(spec, "copy_a", block)
     channels = _merge_channels(key, ctx)
     alpha = _ratio(ctx.weights_alpha, block, ctx.recipe.alpha)
+    if ctx.elemental:  # overrides the block ratio of alpha, as in the original
+        draw = (lambda letter: ctx.draw(letter, key, block)) if ctx.draw else None
+        alpha = elemental_ratio(ctx.elemental, key, block, alpha, fine_block=fine, draw=draw)
     beta = _ratio(ctx.weights_beta, block, ctx.recipe.beta)
     ctx.method.check_bounds(alpha=alpha, beta=beta)
-    return KeyStep(spec, "merge", block, alpha, beta, channels)
+    adjust = adjust_for_key(ctx.adjust, key, ctx.arch.layout) if ctx.adjust else None
+    return KeyStep(spec, "merge", block, alpha, beta, channels, adjust)
 
 
 def _merges(key: str, block: Optional[str], ctx: _Context) -> bool:

@@ -17,6 +17,7 @@ import math
 import secrets
 from dataclasses import asdict, dataclass, fields, replace
 
+from mergers.dice import Dice
 from mergers.errors import RecipeError
 from mergers.methods import method_for
 from mergers.methods.modes import calcmode_name, mode_name
@@ -41,6 +42,17 @@ class Recipe:
     # When set they decide every key (BASE is their first value) and the scalar is unused.
     weights_alpha: str | None = None
     weights_beta: str | None = None
+    # Elemental merge: "Blocks:Elements:Ratio" entries overriding the block ratio of alpha.
+    elemental: str | None = None
+    elemental_extended: bool = False  # SDXL: block names are the 110 fine ids ("use extended XL")
+    # Include/Exclude: "off" | "include" | "exclude"; blocks (ids, VAE, Adjust) and key substrings.
+    include_exclude: str = "off"
+    include_exclude_blocks: str | None = None
+    include_exclude_elements: str | None = None
+    adjust: str | None = None  # "IN,OUT,OUT2,CONT,BRI,COL1,COL2,COL3"
+    # Let the dice roll: random block weights. A merge records what it drew (the weights, and
+    # the seed that element-level draws need) and sets the mode to "off", so it replays as run.
+    dice: Dice = Dice()
     gamma: float = 0.3  # the original's "option(gamma)", used by calcmode extract
     seed: int = -1  # for calcmode "plus random"; -1 draws one when the merge runs (and records it)
     dtype: str | None = None  # "fp16" | "bf16" | "fp32" | None: as model A
@@ -55,7 +67,9 @@ class Recipe:
         for name in ("alpha", "beta", "gamma"):
             set_(self, name, _finite(name, getattr(self, name)))
         set_(self, "seed", _integer("seed", self.seed))
-        for name in ("model_c", "weights_alpha", "weights_beta", "dtype", "bake_vae"):
+        set_(self, "include_exclude", _include_exclude_mode(self.include_exclude))
+        for name in ("model_c", "weights_alpha", "weights_beta", "dtype", "bake_vae", "elemental",
+                     "include_exclude_blocks", "include_exclude_elements", "adjust"):
             set_(self, name, _blank_to_none(getattr(self, name)))
         _check(self)
 
@@ -98,7 +112,10 @@ class Recipe:
         missing = [name for name in ("model_a", "model_b") if not data.get(name)]
         if missing:
             raise RecipeError(f"recipe is missing {', '.join(missing)}")
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        if isinstance(values.get("dice"), dict):
+            values["dice"] = _dice_from_dict(values["dice"])
+        return cls(**values)
 
     @classmethod
     def from_json(cls, text: str) -> "Recipe":
@@ -117,7 +134,9 @@ def _check(recipe: Recipe) -> None:
         raise RecipeError("a merge needs model A and model B")
     if recipe.dtype is not None and recipe.dtype not in OUTPUT_DTYPES:
         raise RecipeError(f"dtype {recipe.dtype!r} is not one of {', '.join(OUTPUT_DTYPES)} (or empty for 'as model A')")
-    for name in ("prune", "reset_clip"):
+    if not isinstance(recipe.dice, Dice):
+        raise RecipeError(f"dice must be dice settings, not {recipe.dice!r}")
+    for name in ("prune", "reset_clip", "elemental_extended"):
         if not isinstance(getattr(recipe, name), bool):
             raise RecipeError(f"{name} must be true or false, not {getattr(recipe, name)!r}")
 
@@ -130,6 +149,20 @@ def _finite(name: str, value) -> float:
     if not math.isfinite(number):
         raise RecipeError(f"{name} must be a finite number, not {value!r}")
     return number
+
+
+def _dice_from_dict(data: dict) -> Dice:
+    unknown = set(data) - {f.name for f in fields(Dice)}
+    if unknown:
+        raise RecipeError(f"unknown dice field(s): {', '.join(sorted(unknown))}")
+    return Dice(**data)
+
+
+def _include_exclude_mode(value) -> str:
+    mode = str(value or "off").strip().lower()
+    if mode not in ("off", "include", "exclude"):
+        raise RecipeError(f"include_exclude must be off, include or exclude, not {value!r}")
+    return mode
 
 
 def _integer(name: str, value) -> int:
