@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from mergers.errors import CheckpointError, UnsafeCheckpointError
-from mergers.hashing import legacy_hash, sha256_of_file
+from mergers.hashing import RunningHash, cached_sha256, legacy_hash, remember_sha256, sha256_of_file
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -100,6 +100,10 @@ class Checkpoint(Mapping):
             self._sha256 = sha256_of_file(self.path)
         return self._sha256
 
+    def hash_while_reading(self) -> bool:
+        """Compute the sha256 from the reads to come, if it is not cached; True if it will."""
+        return False
+
     def shorthash(self) -> str:
         """A1111's short hash: the first 10 hex digits of the sha256."""
         return self.sha256()[:10]
@@ -135,13 +139,33 @@ class SafetensorsCheckpoint(Checkpoint):
             self.close()
             raise
         super().__init__(path, _string_metadata(metadata, path))
+        self._running_hash: RunningHash | None = None
 
     def _read(self, key: str) -> torch.Tensor:
         info = self._infos[key]
         raw = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
             _pread_into(self._fd, raw.numpy(), info.start, self.path, key)
+            if self._running_hash is not None:
+                self._running_hash.feed(info.start, raw.numpy())
         return raw.view(info.dtype).reshape(info.shape)
+
+    def hash_while_reading(self) -> bool:
+        if self._sha256 is None:
+            self._sha256 = cached_sha256(self.path)
+        if self._sha256 is None and self._running_hash is None:
+            self._running_hash = RunningHash(self._fd, os.fstat(self._fd).st_size)
+        return self._running_hash is not None
+
+    def sha256(self) -> str:
+        if self._sha256 is None and self._running_hash is not None:
+            try:
+                self._sha256 = self._running_hash.hexdigest()
+            except OSError as error:
+                raise CheckpointError(f"{self.path}: cannot hash: {error}") from None
+            remember_sha256(self.path, self._sha256)
+            self._running_hash = None
+        return super().sha256()
 
     def close(self) -> None:
         if getattr(self, "_fd", -1) >= 0:

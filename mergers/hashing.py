@@ -31,17 +31,63 @@ def sha256_of_file(path: str | os.PathLike) -> str:
         >>> sha256_of_file("model.safetensors")[:10]
         '6ce0161689'
     """
-    path = Path(path).resolve()
-    stat = path.stat()
-    stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
-    cache = _load_cache()
-    entry = cache.get(str(path))
-    if entry and entry.get("stamp") == stamp:
-        return entry["sha256"]
-    digest = _hash_whole_file(path)
-    cache[str(path)] = {"stamp": stamp, "sha256": digest}
-    _store_cache(cache)
+    digest = cached_sha256(path)
+    if digest is None:
+        digest = _hash_whole_file(Path(path))
+        remember_sha256(path, digest)
     return digest
+
+
+def cached_sha256(path: str | os.PathLike) -> str | None:
+    """The cached sha256 of ``path`` if the file is unchanged since it was hashed, else None."""
+    path = Path(path).resolve()
+    entry = _load_cache().get(str(path))
+    return entry["sha256"] if entry and entry.get("stamp") == _stamp(path) else None
+
+
+def remember_sha256(path: str | os.PathLike, digest: str) -> None:
+    """Cache ``digest`` as the sha256 of ``path`` as it is now."""
+    path = Path(path).resolve()
+    cache = _load_cache()
+    cache[str(path)] = {"stamp": _stamp(path), "sha256": digest}
+    _store_cache(cache)
+
+
+class RunningHash:
+    """The sha256 of a file, fed by the reads a merge does anyway (in file order).
+
+    Bytes skipped between reads are read here; reads that go backwards are
+    ignored (those bytes were hashed already or will be read at the end), so the
+    file is read once in the common case instead of twice.
+    """
+
+    def __init__(self, fd: int, size: int):
+        self._fd, self._size, self._position = fd, size, 0
+        self._digest = hashlib.sha256()
+
+    def feed(self, offset: int, data) -> None:
+        if offset < self._position:
+            return
+        self._read_through(offset)
+        self._digest.update(data)
+        self._position = offset + len(memoryview(data).cast("B"))
+
+    def hexdigest(self) -> str:
+        self._read_through(self._size)
+        return self._digest.hexdigest()
+
+    def _read_through(self, end: int) -> None:
+        while self._position < end:
+            chunk = os.pread(self._fd, min(CHUNK, end - self._position), self._position)
+            if not chunk:
+                raise OSError(f"file shrank while hashing (at byte {self._position})")
+            self._digest.update(chunk)
+            self._position += len(chunk)
+
+
+def _stamp(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def legacy_hash(path: str | os.PathLike) -> str:

@@ -72,12 +72,28 @@ def merge_to_file(recipe: Recipe, output: str | os.PathLike, *, resolve: Resolve
     started = time.perf_counter()
     with open_sources(recipe, resolve) as sources:
         plan = plan_merge(recipe, sources)
-        metadata = merge_metadata(plan, sources)
+        placeholders = _hash_placeholders(sources)
+        metadata = merge_metadata(plan, sources, digest=lambda c: placeholders.get(id(c)) or c.sha256())
         protect = [c.path for c in (sources.a, sources.b, sources.c, sources.vae) if c is not None]
-        with SafetensorsWriter(output, plan.specs, metadata=metadata, overwrite=overwrite, protect=protect) as out:
+        with SafetensorsWriter(output, plan.specs, metadata=metadata, overwrite=overwrite, protect=protect,
+                               reserve=HASH_SLACK if placeholders else 0) as out:
             for key, tensor in run_plan(plan, sources, device=device, on_progress=on_progress, cancel=cancel):
                 out.write(key, tensor)
+            if placeholders:  # the reads are done, so are the hashes
+                metadata = merge_metadata(plan, sources)
+                out.rewrite_metadata(metadata)
     return MergeResult(Path(output), plan, metadata, time.perf_counter() - started)
+
+
+# Room for a header rewrite whose hashes may dedupe differently than the placeholders did.
+HASH_SLACK = 1024
+
+
+def _hash_placeholders(sources: Sources) -> dict[int, str]:
+    """Inputs whose sha256 is not cached are hashed from the merge's own reads (one pass over
+    the file instead of two); until then their metadata holds a same-length placeholder."""
+    inputs = [c for c in (sources.a, sources.b, sources.c) if c is not None]
+    return {id(c): f"{n:064x}" for n, c in enumerate(inputs, start=1) if c.hash_while_reading()}
 
 
 def merge_stream(recipe: Recipe, *, resolve: Resolver = resolve_path, device: Optional[str] = None,

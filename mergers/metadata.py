@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Optional
 from pathlib import Path
 
 from mergers.checkpoint import Checkpoint
@@ -26,7 +28,8 @@ A1111_MODELS_KEY = "sd_merge_models"
 ROLES = ("model_a", "model_b", "model_c")
 
 
-def merge_metadata(plan: MergePlan, sources: Sources) -> dict[str, str]:
+def merge_metadata(plan: MergePlan, sources: Sources, *,
+                   digest: Optional[Callable[[Checkpoint], str]] = None) -> dict[str, str]:
     """All metadata for the merged file of ``plan``.
 
     Example:
@@ -35,11 +38,12 @@ def merge_metadata(plan: MergePlan, sources: Sources) -> dict[str, str]:
         'weight_sum'
     """
     inputs = _inputs(plan, sources)
+    hashes = {role: digest(ckpt) if digest else ckpt.sha256() for role, ckpt in inputs.items()}
     return {
         "format": "pt",
-        RECIPE_KEY: json.dumps(_our_recipe(plan, inputs), ensure_ascii=False),
-        A1111_RECIPE_KEY: json.dumps(_a1111_recipe(plan, inputs), ensure_ascii=False),
-        A1111_MODELS_KEY: json.dumps(_a1111_models(inputs), ensure_ascii=False),
+        RECIPE_KEY: json.dumps(_our_recipe(plan, inputs, hashes), ensure_ascii=False),
+        A1111_RECIPE_KEY: json.dumps(_a1111_recipe(plan, hashes), ensure_ascii=False),
+        A1111_MODELS_KEY: json.dumps(_a1111_models(inputs, hashes), ensure_ascii=False),
     }
 
 
@@ -65,18 +69,18 @@ def _inputs(plan: MergePlan, sources: Sources) -> dict[str, Checkpoint]:
     return dict(zip(ROLES, models))
 
 
-def _our_recipe(plan: MergePlan, inputs: dict[str, Checkpoint]) -> dict:
+def _our_recipe(plan: MergePlan, inputs: dict[str, Checkpoint], hashes: dict[str, str]) -> dict:
     portable = plan.recipe.with_changes(**{role: ckpt.name for role, ckpt in inputs.items()})
     return {
         "recipe": portable.to_dict(),
-        "models": {role: {"name": c.name, "sha256": c.sha256()} for role, c in inputs.items()},
+        "models": {role: {"name": c.name, "sha256": hashes[role]} for role, c in inputs.items()},
         "architecture": plan.arch.label,
         "weights_alpha": plan.weights_alpha.as_text() if plan.weights_alpha else None,
         "weights_beta": plan.weights_beta.as_text() if plan.weights_beta else None,
     }
 
 
-def _a1111_recipe(plan: MergePlan, inputs: dict[str, Checkpoint]) -> dict:
+def _a1111_recipe(plan: MergePlan, hashes: dict[str, str]) -> dict:
     """The original's ``sd_merge_recipe`` fields, with its meanings."""
     recipe, wa, wb = plan.recipe, plan.weights_alpha, plan.weights_beta
     return {
@@ -85,9 +89,9 @@ def _a1111_recipe(plan: MergePlan, inputs: dict[str, Checkpoint]) -> dict:
         "weights_beta": list(wb.values[1:]) if wb else None,
         "weights_alpha_orig": _recorded(plan, wa),
         "weights_beta_orig": _recorded(plan, wb),
-        "model_a": inputs["model_a"].sha256(),
-        "model_b": inputs["model_b"].sha256(),
-        "model_c": inputs["model_c"].sha256() if "model_c" in inputs else "",
+        "model_a": hashes["model_a"],
+        "model_b": hashes["model_b"],
+        "model_c": hashes.get("model_c", ""),
         "base_alpha": wa.values[0] if wa else recipe.alpha,
         "base_beta": wb.values[0] if wb else recipe.beta,
         "mode": MODES[recipe.mode],
@@ -112,12 +116,12 @@ def _entries(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").replace("\n", ",").split(",") if part.strip()]
 
 
-def _a1111_models(inputs: dict[str, Checkpoint]) -> dict:
+def _a1111_models(inputs: dict[str, Checkpoint], hashes: dict[str, str]) -> dict:
     """A1111's ``sd_merge_models``: every input by sha256, and the inputs' own merge history."""
     models: dict = {}
-    for ckpt in inputs.values():
+    for role, ckpt in inputs.items():
         models.update(_nested_models(ckpt))
-        models[ckpt.sha256()] = {"name": Path(ckpt.name).stem, "legacy_hash": ckpt.legacy_hash()}
+        models[hashes[role]] = {"name": Path(ckpt.name).stem, "legacy_hash": ckpt.legacy_hash()}
     return models
 
 

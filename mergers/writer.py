@@ -71,7 +71,7 @@ class SafetensorsWriter:
     """
 
     def __init__(self, path, specs: Sequence[TensorSpec], *, metadata: Mapping[str, str] | None = None,
-                 overwrite: bool = False, protect: Iterable[str | os.PathLike] = ()):
+                 overwrite: bool = False, protect: Iterable[str | os.PathLike] = (), reserve: int = 0):
         self.path = Path(path)
         check_output_path(self.path, overwrite=overwrite, protect=protect)
         sweep_stale_temp_files(self.path.parent)
@@ -80,7 +80,8 @@ class SafetensorsWriter:
         self._temp = self.path.parent / f".{self.path.name}{TEMP_MARK}{os.getpid()}"
         self._file = open(self._temp, "wb", buffering=0)
         try:
-            header = encode_header(self._specs, metadata)
+            header = encode_header(self._specs, metadata, pad_to=0, reserve=reserve)
+            self._header_size = len(header)
             self._expected_size = len(header) + sum(spec.nbytes for spec in self._specs)
             self._write(header)
         except BaseException:
@@ -99,6 +100,15 @@ class SafetensorsWriter:
             )
         self._write(tensor_bytes(tensor))
         self._next += 1
+
+    def rewrite_metadata(self, metadata: Mapping[str, str] | None) -> None:
+        """Replace the header's metadata in place (e.g. with hashes known only at the end).
+
+        The new header is padded to the old one's length, so the data do not move;
+        it must fit in the room reserved when the writer was made.
+        """
+        header = encode_header(self._specs, metadata, pad_to=self._header_size)
+        os.pwrite(self._file.fileno(), header, 0)
 
     def commit(self) -> Path:
         """Finish the file: check it, flush it to disk and rename it into place."""
@@ -158,8 +168,13 @@ def save_checkpoint(path, tensors: Mapping[str, torch.Tensor], *, dtype: str | N
     return Path(path)
 
 
-def encode_header(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None) -> bytes:
-    """The safetensors header for ``specs`` laid out back to back, padded to 8 bytes."""
+def encode_header(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None, *,
+                  pad_to: int = 0, reserve: int = 0) -> bytes:
+    """The safetensors header for ``specs`` laid out back to back, padded to 8 bytes.
+
+    ``reserve`` adds that many spaces of room (for a later ``pad_to`` rewrite);
+    ``pad_to`` pads the whole header to exactly that length (spaces are valid JSON).
+    """
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -168,7 +183,11 @@ def encode_header(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | Non
         header[spec.key] = {"dtype": dtype_name(spec.dtype), "shape": list(spec.shape),
                             "data_offsets": [offset, offset + spec.nbytes]}
         offset += spec.nbytes
-    body = json.dumps(header, separators=(",", ":")).encode()
+    body = json.dumps(header, separators=(",", ":")).encode() + b" " * reserve
+    if pad_to:
+        if len(body) + 8 > pad_to:
+            raise OutputError(f"new header needs {len(body) + 8} bytes, only {pad_to} were reserved")
+        body += b" " * (pad_to - 8 - len(body))
     body += b" " * (-len(body) % 8)  # readers may expect 8-byte aligned data
     return struct.pack("<Q", len(body)) + body
 

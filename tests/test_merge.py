@@ -245,7 +245,7 @@ def test_cancel_stops_and_leaves_nothing(tmp_path):
     with pytest.raises(MergeCancelled):
         merge_to_file(Recipe(model_a=str(a), model_b=str(b)), tmp_path / "out.safetensors", on_progress=progress, cancel=cancel)
     assert max(seen) == 10 and not (tmp_path / "out.safetensors").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([a.name, b.name, "sd1_3.safetensors", "cache"])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == sorted([a.name, b.name, "sd1_3.safetensors"])
 
 
 def test_stream_holds_a_bounded_number_of_tensors(tmp_path):
@@ -282,3 +282,35 @@ def test_recipe_round_trips_and_validates():
         Recipe.from_dict({"model_a": "a", "model_b": "b", "version": 99})
     with pytest.raises(Exception, match="dtype"):
         Recipe(model_a="a", model_b="b", dtype="fp8")
+
+
+def test_input_hashes_come_from_the_merges_own_reads(tmp_path, monkeypatch):
+    """First merge of new files: no separate hashing pass, yet the metadata holds the true sha256."""
+    import hashlib
+
+    import mergers.hashing as hashing
+
+    a, b, _ = write_models(tmp_path, "sd1")
+    monkeypatch.setattr(hashing, "_hash_whole_file", lambda path: pytest.fail(f"{path} hashed in a second pass"))
+    result = merge_to_file(Recipe(model_a=str(a), model_b=str(b), alpha=0.4), tmp_path / "out.safetensors")
+    truth = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (a, b)}
+    with open_checkpoint(result.path) as out:
+        _, models = stored_recipe(out.metadata)
+        assert {m["name"]: m["sha256"] for m in models.values()} == truth
+        assert set(json.loads(out.metadata["sd_merge_models"])) == set(truth.values())
+        assert json.loads(out.metadata["sd_merge_recipe"])["model_a"] == truth[a.name]
+    assert hashing.cached_sha256(a) == truth[a.name]  # and cached for next time
+
+
+def test_pruned_keys_are_still_hashed(tmp_path):
+    import hashlib
+
+    state = tiny_state_dict("sd1", seed=1, dtype=torch.float32, optional=True)
+    save_checkpoint(tmp_path / "a.safetensors", state)
+    save_checkpoint(tmp_path / "b.safetensors", {k: v for k, v in reversed(list(state.items()))})  # other order
+    recipe = Recipe(model_a=str(tmp_path / "a.safetensors"), model_b=str(tmp_path / "b.safetensors"), prune=True)
+    result = merge_to_file(recipe, tmp_path / "out.safetensors")
+    _, models = stored_recipe(result.metadata)
+    for role in ("model_a", "model_b"):
+        path = tmp_path / models[role]["name"]
+        assert models[role]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
