@@ -58,8 +58,12 @@ def resolve_device(name: Optional[str]) -> torch.device:
 def run_plan(plan: MergePlan, sources: Sources, *, device: Optional[str] = None,
              output_device: str = "cpu", on_progress: Optional[ProgressCallback] = None,
              cancel: Optional[CancelToken] = None,
-             readahead_bytes: int = DEFAULT_READAHEAD_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
+             readahead_bytes: int = DEFAULT_READAHEAD_BYTES,
+             warnings: Optional[list[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, tensor)`` for every planned output key, in plan order.
+
+    A merged key holding NaN or Inf is logged (naming the input that brought
+    it) and appended to ``warnings``; the merge goes on, as the original's does.
 
     Methods with a prepass (cosineA/B) first stream A and B once for their
     statistics; progress counts both passes.
@@ -76,6 +80,8 @@ def run_plan(plan: MergePlan, sources: Sources, *, device: Optional[str] = None,
         for step, tensors in inputs:
             progress.check(step.key)
             result = compute_step(plan, step, tensors, compute, stats)
+            if step.action == "merge" and not is_finite(result):
+                _warn_non_finite(step.key, tensors, plan, warnings)
             yield step.key, result.to(output_device)
             progress.advance(step.key)
 
@@ -108,6 +114,24 @@ class _Progress:
         self.done += 1
         if self._callback is not None:
             self._callback(self.done, self.total, key)
+
+
+def is_finite(tensor: torch.Tensor) -> bool:
+    """True when no element is NaN or Inf; one fp32-accumulated reduction, no full-size temporary."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    if torch.isfinite(torch.sum(tensor, dtype=torch.float32)):
+        return True
+    return bool(torch.isfinite(tensor).all())  # the sum may overflow on finite values: check exactly
+
+
+def _warn_non_finite(key: str, tensors: list[torch.Tensor], plan: MergePlan, warnings: Optional[list]) -> None:
+    culprits = [role for role, t in zip("ABC", tensors) if not is_finite(t)]
+    source = f"model {'/'.join(culprits)} has NaN/Inf there" if culprits else "the formula produced NaN/Inf"
+    message = f"{key!r}: merged result is not finite ({source})"
+    log.warning(message)
+    if warnings is not None:
+        warnings.append(message)
 
 
 def compute_step(plan: MergePlan, step: KeyStep, tensors: list[torch.Tensor],

@@ -35,6 +35,7 @@ class MergeResult:
     plan: MergePlan
     metadata: dict[str, str]
     seconds: float
+    warnings: tuple[str, ...] = ()
 
 
 def resolve_path(name: str) -> Path:
@@ -70,6 +71,7 @@ def merge_to_file(recipe: Recipe, output: str | os.PathLike, *, resolve: Resolve
         MergeResult(path=PosixPath('ab.safetensors'), ...)
     """
     started = time.perf_counter()
+    warnings: list[str] = []
     with open_sources(recipe, resolve) as sources:
         plan = plan_merge(recipe, sources)
         placeholders = _hash_placeholders(sources)
@@ -77,12 +79,13 @@ def merge_to_file(recipe: Recipe, output: str | os.PathLike, *, resolve: Resolve
         protect = [c.path for c in (sources.a, sources.b, sources.c, sources.vae) if c is not None]
         with SafetensorsWriter(output, plan.specs, metadata=metadata, overwrite=overwrite, protect=protect,
                                reserve=HASH_SLACK if placeholders else 0) as out:
-            for key, tensor in run_plan(plan, sources, device=device, on_progress=on_progress, cancel=cancel):
+            for key, tensor in run_plan(plan, sources, device=device, on_progress=on_progress, cancel=cancel,
+                                        warnings=warnings):
                 out.write(key, tensor)
             if placeholders:  # the reads are done, so are the hashes
                 metadata = merge_metadata(plan, sources)
                 out.rewrite_metadata(metadata)
-    return MergeResult(Path(output), plan, metadata, time.perf_counter() - started)
+    return MergeResult(Path(output), plan, metadata, time.perf_counter() - started, tuple(warnings))
 
 
 # Room for a header rewrite whose hashes may dedupe differently than the placeholders did.

@@ -314,3 +314,25 @@ def test_pruned_keys_are_still_hashed(tmp_path):
     for role in ("model_a", "model_b"):
         path = tmp_path / models[role]["name"]
         assert models[role]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_nan_in_an_input_is_reported_naming_the_key_and_model(tmp_path, caplog):
+    sa = tiny_state_dict("sd1", seed=1, dtype=torch.float16)
+    sb = tiny_state_dict("sd1", seed=2, dtype=torch.float16)
+    key = "model.diffusion_model.out.2.weight"
+    sb[key] = sb[key].clone()
+    sb[key].view(-1)[3] = float("nan")
+    save_checkpoint(tmp_path / "a.safetensors", sa)
+    save_checkpoint(tmp_path / "b.safetensors", sb)
+    recipe = Recipe(model_a=str(tmp_path / "a.safetensors"), model_b=str(tmp_path / "b.safetensors"), alpha=0.5)
+    result = merge_to_file(recipe, tmp_path / "out.safetensors")
+    assert result.warnings == (f"{key!r}: merged result is not finite (model B has NaN/Inf there)",)
+    assert key in caplog.text
+
+
+def test_is_finite_is_exact_even_when_a_sum_overflows():
+    from mergers.engine import is_finite
+
+    big = torch.full((10_000,), 60000.0, dtype=torch.float16)  # finite, but the sum overflows fp16
+    assert is_finite(big) and is_finite(torch.zeros(0)) and is_finite(torch.arange(3))
+    assert not is_finite(torch.tensor([1.0, float("inf")])) and not is_finite(torch.tensor([float("nan")]))
