@@ -27,7 +27,7 @@ from mergers.plan import KeyStep, MergePlan, Sources
 log = logging.getLogger(__name__)
 
 # Reading ahead pays off for the next tensor or two; more only costs memory.
-DEFAULT_READAHEAD_BYTES = 512 * 1024 * 1024
+DEFAULT_READAHEAD_BYTES = 256 * 1024 * 1024
 
 ProgressCallback = Callable[[int, int, str], None]
 

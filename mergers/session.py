@@ -1,0 +1,165 @@
+"""One user's merging session inside a host: merge, swap in, generate, save, restore.
+
+The tab and the HTTP API drive this object; it holds no UI code. One merge runs
+at a time: a second request while one runs is refused (``MergeBusy``), never
+interleaved.
+
+Example:
+    >>> session = MergeSession(host)
+    >>> outcome = session.merge(Recipe(model_a="a.safetensors", model_b="b.safetensors", alpha=0.3))
+    >>> session.restore()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from mergers.engine import ProgressCallback, run_plan
+from mergers.errors import MergeError, OutputError
+from mergers.history import History, HistoryEntry, merge_name
+from mergers.host import Generated, GenerationParams, Host
+from mergers.merge import merge_to_file, open_sources
+from mergers.plan import MergePlan, plan_merge
+from mergers.recipe import Recipe
+from mergers.swap import Swapper
+
+# A saved file's name: letters, digits and a few marks; no folders, no "..".
+SAFE_NAME = re.compile(r"^[\w][\w .,()+=\-\[\]]*$")
+
+
+class MergeBusy(MergeError):
+    """Another merge is running in this session."""
+
+
+@dataclass(frozen=True)
+class MergeOutcome:
+    """What a merge did, for the UI's message and the API's answer."""
+
+    name: str
+    recipe: Recipe  # as run: dice drawn, seeds fixed
+    history_id: Optional[int]
+    merged_keys: int
+    swapped: bool  # written into the loaded model (False: no model loaded; use Save)
+    seconds: float
+    architecture: str
+
+    @property
+    def summary(self) -> str:
+        where = "swapped into the loaded model" if self.swapped else "planned (no model loaded: Save writes it)"
+        number = f" (ID {self.history_id})" if self.history_id is not None else ""
+        return f"{self.name}{number}: {self.merged_keys} keys merged, {where}, {self.seconds:.1f} s"
+
+
+class MergeSession:
+    """Merges recipes into a host's loaded model and keeps their history."""
+
+    def __init__(self, host: Host, *, history: Optional[History] = None):
+        self.host = host
+        self.history = history or History(host.data_dir)
+        self.current: Optional[MergeOutcome] = None
+        self._swapper: Optional[Swapper] = None
+        self._busy = threading.Lock()
+        self._cancel = threading.Event()
+
+    def merge(self, recipe: Recipe, *, on_progress: Optional[ProgressCallback] = None) -> MergeOutcome:
+        """Merge ``recipe`` and swap it into the loaded model (restored exactly if anything fails)."""
+        with self._running():
+            started = time.perf_counter()
+            with open_sources(recipe, self.host.resolve) as sources:
+                plan = plan_merge(recipe, sources)
+                swapped = self._swap(plan, sources, on_progress)
+            outcome = self._record(plan, swapped, time.perf_counter() - started)
+            self.current = outcome
+            return outcome
+
+    def merge_and_generate(self, recipe: Recipe, params: GenerationParams, *,
+                           on_progress: Optional[ProgressCallback] = None) -> tuple[MergeOutcome, Generated]:
+        """Merge, then generate with the merged model."""
+        outcome = self.merge(recipe, on_progress=on_progress)
+        return outcome, self.generate(params)
+
+    def generate(self, params: GenerationParams) -> Generated:
+        """txt2img with whatever is loaded; the infotext names the current merge and its recipe."""
+        if not self.host.can_generate():
+            raise MergeError("preview needs the web UI: this host has no image generator")
+        extra = {}
+        if self.current is not None and self.current.swapped:
+            extra = {"SuperMerger": self.current.name, "SuperMerger recipe": self.current.recipe.to_json()}
+            if self.current.history_id is not None:
+                extra["SuperMerger ID"] = self.current.history_id
+        return self.host.generate(params, extra_info=extra)
+
+    def save(self, filename: str, *, dtype: Optional[str] = None, prune: bool = False, overwrite: bool = False,
+             bake_vae: Optional[str] = None, on_progress: Optional[ProgressCallback] = None) -> Path:
+        """Write the current merge to ``models_dir/filename`` by streaming its recipe again (exact, any dtype)."""
+        if self.current is None:
+            raise MergeError("nothing to save: merge first")
+        target = self.output_path(filename)
+        recipe = self.current.recipe.with_changes(dtype=dtype, prune=prune, bake_vae=bake_vae)
+        with self._running():
+            merge_to_file(recipe, target, resolve=self.host.resolve, overwrite=overwrite,
+                          on_progress=on_progress, cancel=self._cancel)
+        return target
+
+    def restore(self) -> int:
+        """Put the loaded model's original weights back; returns how many tensors were restored."""
+        with self._running():
+            if self._swapper is None:
+                return 0
+            with self.host.lock():
+                restored = self._swapper.restore()
+            self.current = None
+            return restored
+
+    def stop(self) -> None:
+        """Cancel the running merge or save (it restores what it changed)."""
+        self._cancel.set()
+
+    def recipe_from_history(self, merge_id: int) -> HistoryEntry:
+        """A past merge by ID (-1 = the last one), to fill the tab or replay."""
+        return self.history.get(merge_id)
+
+    def output_path(self, filename: str) -> Path:
+        """``models_dir/filename.safetensors``; a name that leaves the folder is refused."""
+        name = filename.strip()
+        if not name.endswith(".safetensors"):
+            name += ".safetensors"
+        if not SAFE_NAME.match(name) or ".." in name or len(name) > 240:
+            raise OutputError(f"{filename!r} is not a plain file name (letters, digits, spaces, _ - . , ( ) + = [ ])")
+        return self.host.models_dir / name
+
+    def _swap(self, plan: MergePlan, sources, on_progress) -> bool:
+        live = self.host.live_model()
+        if live is None:
+            return False
+        if self._swapper is None or self._swapper.live is not live:
+            self._swapper = Swapper(live)
+        stream = run_plan(plan, sources, on_progress=on_progress, cancel=self._cancel,
+                          output_device="cpu")
+        with self.host.lock():
+            self._swapper.apply(stream, cancel=self._cancel)
+        return True
+
+    def _record(self, plan: MergePlan, swapped: bool, seconds: float) -> MergeOutcome:
+        names = {role: Path(getattr(plan.recipe, role)).stem for role in ("model_a", "model_b", "model_c")
+                 if getattr(plan.recipe, role)}
+        name = merge_name(plan.recipe, names)
+        entry = self.history.add(plan.recipe, name=name, models={r: {"name": n} for r, n in names.items()})
+        return MergeOutcome(name, plan.recipe, entry.id, plan.count("merge"), swapped, seconds, plan.arch.label)
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        if not self._busy.acquire(blocking=False):
+            raise MergeBusy("a merge is already running; wait for it or press Stop")
+        self._cancel.clear()
+        try:
+            yield
+        finally:
+            self._busy.release()
