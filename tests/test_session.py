@@ -1,0 +1,126 @@
+"""The merge session: swap, history, save, restore, one merge at a time, safe output names."""
+
+import threading
+
+import pytest
+import torch
+
+from mergers.checkpoint import open_checkpoint
+from mergers.demo import tiny_state_dict
+from mergers.errors import CheckpointError, MergeError, OutputError
+from mergers.hosts.standalone import FolderHost
+from mergers.merge import merge_to_file
+from mergers.recipe import Recipe
+from mergers.session import MergeBusy, MergeSession
+from mergers.writer import save_checkpoint
+from tests.live_model import FakeLive
+
+
+@pytest.fixture(autouse=True)
+def _hash_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUPERMERGER_CACHE", str(tmp_path / "cache"))
+
+
+class LiveFolderHost(FolderHost):
+    """A folder host with a model loaded from model A's file."""
+
+    def __init__(self, folder, live):
+        super().__init__(folder, data_dir=folder / "data")
+        self.live = live
+
+    def live_model(self):
+        return self.live
+
+
+@pytest.fixture
+def folder(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    for seed, name in enumerate(("a", "b", "c"), start=1):
+        save_checkpoint(models / f"{name}.safetensors", tiny_state_dict("sd1", seed=seed))
+    return models
+
+
+def test_merge_swaps_records_and_restores(folder, tmp_path):
+    live = FakeLive.load(folder / "a.safetensors")
+    session = MergeSession(LiveFolderHost(folder, live))
+    recipe = Recipe(model_a="a.safetensors", model_b="b", weights_alpha="GRAD_V")
+    outcome = session.merge(recipe)
+    assert outcome.swapped and outcome.history_id == 1 and "keys merged" in outcome.summary
+    merge_to_file(recipe, tmp_path / "ref.safetensors", resolve=session.host.resolve)
+    with open_checkpoint(tmp_path / "ref.safetensors") as ref:
+        assert all(torch.equal(live.tensors()[k], ref[k]) for k in ref)
+    assert session.recipe_from_history(-1).recipe == outcome.recipe
+    assert session.restore() > 0
+    with open_checkpoint(folder / "a.safetensors") as original:
+        assert all(torch.equal(live.tensors()[k], original[k]) for k in original)
+
+
+def test_save_streams_the_current_recipe_into_the_models_folder(folder):
+    session = MergeSession(FolderHost(folder, data_dir=folder / "data"))
+    with pytest.raises(MergeError, match="merge first"):
+        session.save("x")
+    outcome = session.merge(Recipe(model_a="a", model_b="b", alpha=0.25))
+    assert not outcome.swapped and "Save writes it" in outcome.summary
+    path = session.save("merged", dtype="bf16")
+    assert path == folder / "merged.safetensors"
+    with open_checkpoint(path) as saved:
+        assert saved.dtype("model.diffusion_model.out.2.weight") == torch.bfloat16
+    assert "merged.safetensors" in [m.title for m in session.host.list_models()]
+
+
+@pytest.mark.parametrize("name", ["../escape", "/etc/passwd", "sub/dir", "..", ""])
+def test_save_refuses_names_that_leave_the_folder(folder, name):
+    session = MergeSession(FolderHost(folder, data_dir=folder / "data"))
+    session.merge(Recipe(model_a="a", model_b="b"))
+    with pytest.raises(OutputError):
+        session.save(name)
+
+
+def test_models_resolve_only_inside_the_folder(folder):
+    host = FolderHost(folder)
+    assert host.resolve("a") == folder / "a.safetensors"
+    for name in ("../models/a.safetensors", str(folder / "a.safetensors"), "/etc/passwd"):
+        with pytest.raises(CheckpointError):
+            host.resolve(name)
+
+
+def test_a_second_merge_while_one_runs_is_refused(folder):
+    live = FakeLive.load(folder / "a.safetensors")
+    session = MergeSession(LiveFolderHost(folder, live))
+    started, release = threading.Event(), threading.Event()
+
+    def slow_progress(done, total, key):
+        started.set()
+        release.wait(10)
+
+    worker = threading.Thread(target=session.merge, args=(Recipe(model_a="a", model_b="b"),),
+                              kwargs={"on_progress": slow_progress})
+    worker.start()
+    assert started.wait(10)
+    with pytest.raises(MergeBusy, match="already running"):
+        session.merge(Recipe(model_a="a", model_b="c"))
+    release.set()
+    worker.join(10)
+    assert session.current is not None
+
+
+def test_stop_cancels_and_restores(folder):
+    live = FakeLive.load(folder / "a.safetensors")
+    session = MergeSession(LiveFolderHost(folder, live))
+    before = {k: v.clone() for k, v in live.tensors().items()}
+
+    def stop_half_way(done, total, key):
+        if done == 100:
+            session.stop()
+
+    with pytest.raises(MergeError, match="cancelled"):
+        session.merge(Recipe(model_a="a", model_b="b"), on_progress=stop_half_way)
+    assert all(torch.equal(live.tensors()[k], v) for k, v in before.items())
+    assert session.current is None
+
+
+def test_generate_without_a_generator_says_so(folder):
+    session = MergeSession(FolderHost(folder, data_dir=folder / "data"))
+    with pytest.raises(MergeError, match="preview needs the web UI"):
+        session.generate(session.host.default_generation())
