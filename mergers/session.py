@@ -113,10 +113,14 @@ class MergeSession:
         with self._running():
             if self._swapper is None:
                 return 0
-            with self.host.lock():
-                restored = self._swapper.restore()
-            self.current = None
-            return restored
+            try:
+                with self.host.lock():
+                    return self._swapper.restore()
+            except MergeError:
+                self._swapper = None  # e.g. the host loaded another checkpoint since: nothing of ours to undo
+                raise
+            finally:
+                self.current = None
 
     def stop(self) -> None:
         """Cancel the running merge or save (it restores what it changed)."""
