@@ -22,7 +22,7 @@ from mergers.errors import CheckpointError
 from mergers.metadata import merge_metadata
 from mergers.plan import MergePlan, Sources, plan_merge
 from mergers.recipe import Recipe
-from mergers.writer import SafetensorsWriter
+from mergers.writer import BackgroundWrites, SafetensorsWriter
 
 Resolver = Callable[[str], Path]
 
@@ -79,9 +79,10 @@ def merge_to_file(recipe: Recipe, output: str | os.PathLike, *, resolve: Resolve
         protect = [c.path for c in (sources.a, sources.b, sources.c, sources.vae) if c is not None]
         with SafetensorsWriter(output, plan.specs, metadata=metadata, overwrite=overwrite, protect=protect,
                                reserve=HASH_SLACK if placeholders else 0) as out:
-            for key, tensor in run_plan(plan, sources, device=device, on_progress=on_progress, cancel=cancel,
-                                        warnings=warnings):
-                out.write(key, tensor)
+            with BackgroundWrites(out) as writes:
+                for key, tensor in run_plan(plan, sources, device=device, on_progress=on_progress, cancel=cancel,
+                                            warnings=warnings):
+                    writes.write(key, tensor)
             if placeholders:  # the reads are done, so are the hashes
                 metadata = merge_metadata(plan, sources)
                 out.rewrite_metadata(metadata)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import struct
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +151,52 @@ class SafetensorsWriter:
             self.commit()
         else:
             self.abort()
+
+
+class BackgroundWrites:
+    """Hands tensors to a writer thread, so writing overlaps computing the next ones.
+
+    At most ``depth`` tensors wait; a write error is raised on the next ``write``
+    or on leaving the block. Leaving the block waits for every write to finish.
+
+    Example:
+        >>> with SafetensorsWriter(path, specs) as out, BackgroundWrites(out) as writes:
+        ...     for key, tensor in stream: writes.write(key, tensor)
+    """
+
+    _DONE = object()
+
+    def __init__(self, writer: SafetensorsWriter, *, depth: int = 2):
+        self._writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="supermerger-writer", daemon=True)
+
+    def __enter__(self) -> "BackgroundWrites":
+        self._thread.start()
+        return self
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        self._raise_if_failed()
+        self._queue.put((key, tensor))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not self._DONE:
+            if self._error is None:
+                try:
+                    self._writer.write(*item)
+                except BaseException as error:  # handed to the producer
+                    self._error = error
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self._queue.put(self._DONE)
+        self._thread.join()
+        if kind is None:
+            self._raise_if_failed()
 
 
 def save_checkpoint(path, tensors: Mapping[str, torch.Tensor], *, dtype: str | None = None,

@@ -240,3 +240,19 @@ def test_old_lightning_ckpt_loads_without_running_its_objects(tmp_path, monkeypa
         monkeypatch.delitem(sys.modules, name)  # as on a machine without Lightning
     with open_checkpoint(path) as ckpt:
         assert list(ckpt) == ["w"]
+
+
+def test_background_writes_keep_order_and_surface_errors(tmp_path):
+    from mergers.writer import BackgroundWrites
+
+    specs = [TensorSpec(str(i), torch.float32, (3,)) for i in range(20)]
+    with SafetensorsWriter(tmp_path / "ok.safetensors", specs) as out, BackgroundWrites(out) as writes:
+        for i in range(20):
+            writes.write(str(i), torch.full((3,), float(i)))
+    loaded = safetensors.torch.load_file(tmp_path / "ok.safetensors")
+    assert [loaded[str(i)][0].item() for i in range(20)] == list(range(20))
+    with pytest.raises(OutputError, match="expected '1'"):
+        with SafetensorsWriter(tmp_path / "bad.safetensors", specs) as out, BackgroundWrites(out) as writes:
+            for i in (0, 5, 6, 7, 8, 9, 10):
+                writes.write(str(i), torch.zeros(3))
+    assert not (tmp_path / "bad.safetensors").exists()
