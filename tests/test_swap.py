@@ -521,3 +521,39 @@ def test_a_hundred_merge_restore_cycles_give_back_the_same_bytes(tmp_path):
         assert_original(live, original)
         assert not swapper.changed_keys and swapper.backup_bytes == 0 and sorted(vars(swapper)) == state_names
     assert live.after_calls == [True, False] * 100
+
+
+def test_repeated_merges_through_the_session_do_not_grow_memory(tmp_path, monkeypatch):
+    """The original's most reported bug: RAM grows with every merge. Ours stays flat (real merges, SD1 layout)."""
+    import gc
+
+    import psutil
+
+    from mergers.hosts.standalone import FolderHost
+    from mergers.recipe import Recipe
+    from mergers.session import MergeSession
+
+    monkeypatch.setenv("SUPERMERGER_CACHE", str(tmp_path / "cache"))
+    models = tmp_path / "models"
+    models.mkdir()
+    for seed, name in ((1, "a"), (2, "b")):
+        save_checkpoint(models / f"{name}.safetensors", tiny_state_dict("sd1", seed=seed))
+    live = FakeLive.load(models / "a.safetensors")
+
+    class Host(FolderHost):
+        def live_model(self):
+            return live
+
+    session = MergeSession(Host(models, data_dir=tmp_path / "data"))
+    process = psutil.Process()
+
+    def cycles(count):
+        for n in range(count):
+            session.merge(Recipe(model_a="a", model_b="b", alpha=0.1 + 0.8 * (n % 2)))
+            session.restore()
+        gc.collect()
+        return process.memory_info().rss
+
+    warmed = cycles(5)
+    after = cycles(25)
+    assert after - warmed < 24 * 2**20, f"RSS grew by {(after - warmed) / 2**20:.1f} MiB over 25 merge/restore cycles"
