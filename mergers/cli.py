@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(commands)
     _add_recipe(commands)
     _add_demo(commands)
+    _add_ui(commands)
     return parser
 
 
@@ -138,6 +139,28 @@ def _add_demo(commands) -> None:
     cmd.add_argument("--folder", default="demo", help="where the demo models go (default ./demo)")
     cmd.add_argument("--preset", default="GRAD_V", help="block-weight preset to merge with (default GRAD_V)")
     cmd.set_defaults(run=run_demo)
+
+
+def _add_ui(commands) -> None:
+    cmd = commands.add_parser("ui", help="the Merge tab as a standalone web app (no A1111 needed)",
+                              description="Serve the Merge tab over the checkpoints in --models (subfolders "
+                                          "included). Merges are saved to files; previews need the web UI.")
+    cmd.add_argument("--models", metavar="DIR", help="checkpoints folder (default: the demo models, made once)")
+    cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    cmd.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    cmd.set_defaults(run=run_ui)
+
+
+def run_ui(args) -> int:
+    from mergers.hosts.standalone import FolderHost
+    from mergers.session import MergeSession
+    from mergers.ui.app import launch
+
+    folder = Path(args.models) if args.models else ensure_demo_models()[0].parent
+    if not folder.is_dir():
+        raise MergeError(f"{folder}: no such folder")
+    launch(MergeSession(FolderHost(folder)), host=args.host, port=args.port)
+    return 0
 
 
 def run_merge(args) -> int:

@@ -1,0 +1,178 @@
+"""The tab's sections: one small builder each, filling a dict of named components.
+
+Declared fields are made by :func:`component` from their declaration in
+:mod:`mergers.ui.fields`; the rest (buttons, outputs, sliders) are named with
+the constants of :mod:`mergers.ui.handlers`. Only arguments that Gradio 3.41
+and Gradio 4 both take are used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from mergers.host import GenerationParams
+from mergers.methods.modes import method_for
+from mergers.ui.fields import FIELDS_BY_NAME, GENERATION_FIELDS, ui_from_params
+from mergers.ui.handlers import (
+    ARCH_INFO,
+    GALLERY,
+    HISTORY,
+    HISTORY_HEADERS,
+    HISTORY_ID,
+    HISTORY_MATCH,
+    HISTORY_SEARCH,
+    INFOTEXT,
+    MESSAGE,
+    METHOD_INFO,
+    OVERWRITE,
+    PRESET,
+    SAVE_NAME,
+    SD1_BLOCKS,
+    as_message,
+    preset_names,
+    slider_name,
+)
+
+Widgets = dict[str, Any]  # name → Gradio component
+
+COMPONENTS = {
+    "dropdown": gr.Dropdown, "radio": gr.Radio, "slider": gr.Slider, "number": gr.Number,
+    "textbox": gr.Textbox, "checkbox": gr.Checkbox, "checkboxgroup": gr.CheckboxGroup,
+}
+GENERATION_BY_NAME = {f.name: f for f in GENERATION_FIELDS}
+BUTTONS = (("merge", "Merge", "primary"), ("merge_and_gen", "Merge and Gen", "primary"), ("gen", "Gen", "secondary"),
+           ("stop", "Stop", "stop"), ("restore", "Restore original", "secondary"))
+BLOCK_SLIDER = {"minimum": -1.0, "maximum": 2.0, "step": 0.001, "value": 0.5}  # as the alpha slider
+
+
+def component(name: str, **overrides) -> Any:
+    """The Gradio component of a declared field, with its label and options (``overrides`` win)."""
+    f = FIELDS_BY_NAME.get(name) or GENERATION_BY_NAME[name]
+    return COMPONENTS[f.widget.kind](label=f.label, **{**f.widget.options, **overrides})
+
+
+def add(w: Widgets, *names: str, **overrides) -> None:
+    """Make the components of ``names`` into ``w``."""
+    for name in names:
+        w[name] = component(name, **overrides)
+
+
+def models_section(w: Widgets, titles: list[str]) -> None:
+    """Model A, B and C from the host's checkpoint list, and a refresh button."""
+    with gr.Row():
+        add(w, "model_a", "model_b", choices=titles)
+        add(w, "model_c", choices=titles, interactive=False)
+        w["refresh_models"] = gr.Button("Refresh", size="sm", scale=0, min_width=80)
+    w[ARCH_INFO] = gr.Markdown("")
+
+
+def mode_section(w: Widgets) -> None:
+    """Merge mode, calculation mode (only the pairs that exist) and the ratios."""
+    add(w, "mode", "calcmode")
+    default = method_for("weight_sum", "normal")
+    w[METHOD_INFO] = gr.Markdown(as_message(f"{default.label}: {default.formula}"))
+    with gr.Row():
+        add(w, "alpha", "beta")
+    with gr.Row():
+        add(w, "gamma", "seed")
+
+
+def buttons_section(w: Widgets) -> None:
+    """Merge, Merge and Gen, Gen, Stop, Restore original, then the message box."""
+    with gr.Row():
+        for name, label, variant in BUTTONS:
+            w[name] = gr.Button(label, variant=variant, elem_id=f"supermerger_{name}")
+    w[MESSAGE] = gr.Markdown("", elem_id="supermerger_message")
+
+
+def block_weights_section(w: Widgets) -> None:
+    """"Merging Block Weights": use MBW, the two weight boxes, presets, Set/Read and 26 sliders."""
+    with gr.Accordion("Merging Block Weights", open=True):
+        add(w, "use_block_weights", "weights_alpha", "weights_beta")
+        w[PRESET] = gr.Dropdown(choices=preset_names(), value=None, label="Select preset")
+        with gr.Row():
+            for side in ("alpha", "beta"):
+                w[f"set_{side}"] = gr.Button(f"Set {side}", size="sm")
+                w[f"read_{side}"] = gr.Button(f"Read {side}", size="sm")
+        block_sliders(w)
+
+
+def block_sliders(w: Widgets) -> None:
+    """BASE and M00 on top; IN00–IN11 left, OUT11–OUT00 right, as the original lays them out."""
+    with gr.Row():
+        for block in ("BASE", "M00"):
+            w[slider_name(block)] = gr.Slider(label=block, **BLOCK_SLIDER)
+    with gr.Row():
+        for group in ("IN", "OUT"):
+            blocks = [b for b in SD1_BLOCKS if b.startswith(group)]
+            with gr.Column():
+                for block in (blocks if group == "IN" else blocks[::-1]):
+                    w[slider_name(block)] = gr.Slider(label=block, **BLOCK_SLIDER)
+
+
+def key_options_section(w: Widgets) -> None:
+    """Elemental Merge, Include/Exclude and Adjust."""
+    with gr.Accordion("Elemental Merge", open=False):
+        add(w, "elemental", "elemental_extended")
+    with gr.Accordion("Include/Exclude", open=False):
+        add(w, "include_exclude", "include_exclude_blocks", "include_exclude_elements")
+    with gr.Accordion("Adjust", open=False):
+        add(w, "adjust")
+
+
+def dice_section(w: Widgets) -> None:
+    """"Let the Dice roll": random block weights."""
+    with gr.Accordion("Let the Dice roll", open=False):
+        add(w, "dice.mode")
+        with gr.Row():
+            add(w, "dice.seed", "dice.round", "dice.alpha", "dice.beta")
+        with gr.Row():
+            add(w, "dice.upper", "dice.lower")
+        with gr.Row():
+            add(w, "dice.upper_clamp", "dice.lower_clamp")
+        add(w, "dice.custom")
+
+
+def save_section(w: Widgets) -> None:
+    """File name, precision, prune, Reset CLIP ids, overwrite, bake VAE, and Save."""
+    with gr.Accordion("Save", open=False):
+        w[SAVE_NAME] = gr.Textbox(label="File name (empty: the merge's name)", value="")
+        add(w, "dtype")
+        with gr.Row():
+            add(w, "prune", "reset_clip")
+            w[OVERWRITE] = gr.Checkbox(label="overwrite", value=False)
+        add(w, "bake_vae")
+        w["save"] = gr.Button("Save", variant="primary")
+
+
+def generation_section(w: Widgets, defaults: GenerationParams) -> None:
+    """"Generation Parameters": the preview's txt2img settings, starting from the host's."""
+    values = ui_from_params(defaults)
+    with gr.Accordion("Generation Parameters", open=False):
+        add(w, "gen.prompt", "gen.negative_prompt")
+        for row in (("gen.steps", "gen.sampler", "gen.cfg_scale"), ("gen.width", "gen.height"),
+                    ("gen.seed", "gen.batch_size")):
+            with gr.Row():
+                for name in row:
+                    w[name] = component(name, value=values[name])
+
+
+def output_section(w: Widgets) -> None:
+    """The preview images and their infotext."""
+    w[GALLERY] = gr.Gallery(label="Images", columns=2, object_fit="contain")
+    w[INFOTEXT] = gr.Textbox(label="Infotext", lines=3, interactive=False)
+
+
+def history_section(w: Widgets, rows: list[list[Any]]) -> None:
+    """The History sub-tab: search, the table, and "Load settings from ID"."""
+    with gr.Row():
+        w[HISTORY_SEARCH] = gr.Textbox(label="Search (words separated by spaces)", value="")
+        w[HISTORY_MATCH] = gr.Radio(label="match", choices=["and", "or"], value="and")
+        w["history_reload"] = gr.Button("Reload", size="sm")
+    w[HISTORY] = gr.Dataframe(value=rows, headers=list(HISTORY_HEADERS), interactive=False, wrap=True,
+                              datatype=["number", "str", "str", "str", "str"])
+    with gr.Row():
+        w[HISTORY_ID] = gr.Number(label="Load settings from ID (-1: the last)", value=-1, precision=0)
+        w["history_load"] = gr.Button("Load settings")
