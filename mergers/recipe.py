@@ -62,6 +62,9 @@ class Recipe:
 
     def __post_init__(self):
         set_ = object.__setattr__  # normalising inside a frozen dataclass
+        for name in ("model_a", "model_b", "mode", "calcmode"):
+            if not isinstance(getattr(self, name), str):
+                raise RecipeError(f"{name} must be text, not {getattr(self, name)!r}")
         set_(self, "mode", mode_name(self.mode))
         set_(self, "calcmode", calcmode_name(self.calcmode))
         for name in ("alpha", "beta", "gamma"):
