@@ -58,7 +58,6 @@ returns it in :attr:`DiceRoll.seed`, so the merge can be replayed.
 from __future__ import annotations
 
 import difflib
-import math
 import numbers
 import random
 import secrets
@@ -68,7 +67,7 @@ import numpy as np
 
 from mergers.arch.layouts import block_ids
 from mergers.errors import WeightsError
-from mergers.weights import LAYOUT_LABELS, sd1_to_sdxl
+from mergers.weights import LAYOUT_LABELS, finite_float, sd1_to_sdxl
 
 DICE_MODES = ("off", "R", "U", "X", "D", "ER", "EU", "EX", "custom")
 DEFAULT_CUSTOM = "U,0,0,0,0,0,0,0,0,0,0,0,0,R,R,R,R,R,R,R,R,R,R,R,R,R"  # the original's box
@@ -408,11 +407,8 @@ def _lower_entry(entry: str, position: int) -> tuple[float, float | None]:
 
 def _number(entry: str, name: str, position: int) -> float:
     """A finite number from one box entry, or a WeightsError naming the box and the entry."""
-    try:
-        value = float(entry)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
+    value = finite_float(entry)
+    if value is None:
         raise WeightsError(f"{name} value {position} ({entry!r}) is not a finite number")
     return value
 

@@ -25,7 +25,6 @@ original's "use extended XL") names are the 110 fine ids such as ``IN411``.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 from mergers.arch.blocks import SDXL_FINE_BLOCKS
 from mergers.arch.layouts import LAYOUTS
 from mergers.errors import WeightsError
-from mergers.weights import format_number
+from mergers.weights import finite_float, format_number
 
 NOT = "NOT"
 RANDOM_RATIOS = frozenset({"R", "U", "X"})
@@ -214,11 +213,8 @@ def _parse_ratio(text: str, entry: str) -> float | str:
     word = text.strip().upper()
     if word in RANDOM_RATIOS:
         return word
-    try:
-        value = float(word)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
+    value = finite_float(word)
+    if value is None:
         raise WeightsError(f"elemental entry {entry!r}: ratio {text.strip()!r} is not a finite number or R, U, X")
     return value
 

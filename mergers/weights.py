@@ -214,6 +214,20 @@ def sd1_to_sdxl(values: Sequence[float]) -> list[float]:
     return [values[0], *rest[:9], *rest[12:22]]
 
 
+def finite_float(text: str) -> float | None:
+    """``text`` as a finite float, or None when it is not a number, NaN or infinite.
+
+    Example:
+        >>> finite_float("0.5"), finite_float("nan"), finite_float("R")
+        (0.5, None, None)
+    """
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
 def parse_number(token: str, label: str) -> float:
     """One finite weight from ``token``; ``label`` says where it came from in errors.
 
