@@ -187,14 +187,18 @@ def _merge_and_report(recipe: Recipe, args, resolve=None) -> int:
         result = merge_to_file(recipe, args.output, device=args.device, overwrite=args.overwrite,
                                on_progress=progress, **options)
     plan = result.plan
-    size = result.path.stat().st_size / 1e9
+    size = _size_text(result.path.stat().st_size)
     print(f"{plan.method.label} ({plan.method.formula}) of {plan.arch.label} models: "
           f"{plan.count('merge')} keys merged, {len(plan.steps) - plan.count('merge')} copied")
     for name, weights in (("alpha", plan.weights_alpha), ("beta", plan.weights_beta)):
         if weights is not None:
             print(f"{name} by block: {weights.as_readable()}")
-    print(f"wrote {result.path} ({size:.2f} GB) in {result.seconds:.1f} s")
+    print(f"wrote {result.path} ({size}) in {result.seconds:.1f} s")
     return 0
+
+
+def _size_text(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
 
 def run_info(args) -> int:
