@@ -18,7 +18,7 @@ from mergers.arch import detect_architecture
 from mergers.checkpoint import open_checkpoint
 from mergers.demo import ensure_demo_models
 from mergers.dice import Dice
-from mergers.errors import CheckpointError, MergeError
+from mergers.errors import MergeError
 from mergers.merge import merge_to_file
 from mergers.metadata import A1111_RECIPE_KEY, stored_recipe
 from mergers.methods import CALCMODES, MODES

@@ -9,7 +9,7 @@ Host, so both run, and are tested, without A1111.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ContextManager, Optional, Protocol
@@ -91,10 +91,3 @@ class Host(Protocol):
 def no_lock() -> ContextManager:
     """A lock for hosts that run one thing at a time anyway."""
     return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def torch_no_grad() -> Iterator[None]:
-    """In-place edits of live parameters must not be recorded by autograd."""
-    with torch.no_grad():
-        yield

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from mergers.checkpoint import Checkpoint, open_checkpoint
+from mergers.checkpoint import open_checkpoint
 from mergers.engine import CancelToken, ProgressCallback, run_plan
 from mergers.errors import CheckpointError
 from mergers.metadata import merge_metadata
@@ -113,8 +113,3 @@ def merge_stream(recipe: Recipe, *, resolve: Resolver = resolve_path, device: Op
         plan = plan_merge(recipe, sources)
         yield from run_plan(plan, sources, device=device, output_device=output_device,
                             on_progress=on_progress, cancel=cancel)
-
-
-def checkpoint_names(sources: Sources) -> list[str]:
-    """The input file names, A first (for messages)."""
-    return [c.name for c in (sources.a, sources.b, sources.c) if isinstance(c, Checkpoint)]
