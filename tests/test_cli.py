@@ -124,3 +124,29 @@ def test_help_is_there_for_every_command():
         done = run_cli(command, "--help")
         assert done.returncode == 0 and "usage" in done.stdout
     assert "readable form" in run_cli("merge", "--help").stdout
+
+
+def test_killing_the_cli_mid_write_leaves_no_output(tmp_path):
+    """A kill -9 during `merge`: no output file, and the next save sweeps the killed run's temp file."""
+    import signal
+    import time
+
+    from mergers.writer import TEMP_MARK
+
+    big = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    for seed, name in ((1, "a"), (2, "b")):
+        state = tiny_state_dict("sd1", seed=seed)
+        state[big] = torch.randn(49408, 768, generator=torch.Generator().manual_seed(seed))  # ~150 MB: a slow write
+        save_checkpoint(tmp_path / f"{name}.safetensors", state)
+    out = tmp_path / "out.safetensors"
+    proc = subprocess.Popen([sys.executable, "-m", "mergers", "merge", str(tmp_path / "a.safetensors"),
+                             str(tmp_path / "b.safetensors"), "-o", str(out)], cwd=ROOT,
+                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + 60
+    while not [p for p in tmp_path.iterdir() if TEMP_MARK in p.name] and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    save_checkpoint(tmp_path / "next.safetensors", {"w": torch.ones(1)})
+    assert not [p for p in tmp_path.iterdir() if TEMP_MARK in p.name]
