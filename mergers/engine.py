@@ -81,7 +81,7 @@ def run_plan(plan: MergePlan, sources: Sources, *, device: Optional[str] = None,
             progress.check(step.key)
             result = compute_step(plan, step, tensors, compute, stats)
             if step.action == "merge" and not is_finite(result):
-                _warn_non_finite(step.key, tensors, plan, warnings)
+                _warn_non_finite(step.key, tensors, warnings)
             yield step.key, result.to(output_device)
             progress.advance(step.key)
 
@@ -125,7 +125,7 @@ def is_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())  # the sum may overflow on finite values: check exactly
 
 
-def _warn_non_finite(key: str, tensors: list[torch.Tensor], plan: MergePlan, warnings: Optional[list]) -> None:
+def _warn_non_finite(key: str, tensors: list[torch.Tensor], warnings: Optional[list]) -> None:
     culprits = [role for role, t in zip("ABC", tensors) if not is_finite(t)]
     source = f"model {'/'.join(culprits)} has NaN/Inf there" if culprits else "the formula produced NaN/Inf"
     message = f"{key!r}: merged result is not finite ({source})"

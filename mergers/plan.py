@@ -102,8 +102,8 @@ def plan_merge(recipe: Recipe, sources: Sources) -> MergePlan:
     method.check_bounds(gamma=recipe.gamma)
     arch = _common_architecture(sources)
     recipe, draw = _roll_dice(recipe, arch, sources.a)
-    weights_alpha = _block_weights(recipe.weights_alpha, arch, "alpha")
-    weights_beta = _block_weights(recipe.weights_beta, arch, "beta") if method.uses_beta else None
+    weights_alpha = _block_weights(recipe.weights_alpha, arch)
+    weights_beta = _block_weights(recipe.weights_beta, arch) if method.uses_beta else None
     context = _Context(recipe, method, arch, sources, weights_alpha, weights_beta, output_dtype(recipe.dtype),
                        *_key_rules(recipe, arch), draw)
     steps = [step for key in sources.a if (step := _step_for_a_key(key, context))]
@@ -294,5 +294,5 @@ def _common_architecture(sources: Sources) -> Architecture:
     return archs[0]
 
 
-def _block_weights(text: Optional[str], arch: Architecture, name: str) -> Optional[BlockWeights]:
+def _block_weights(text: Optional[str], arch: Architecture) -> Optional[BlockWeights]:
     return None if text is None else parse_weights(text, arch.layout)
