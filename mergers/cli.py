@@ -6,6 +6,7 @@ Run ``python -m mergers COMMAND --help`` for each command's options.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -36,7 +37,11 @@ When block weights are given they decide every key, BASE included; --alpha/--bet
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Commands that live beside their feature: each module has ``add_command(commands)``.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def build_parser(command_modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mergers", description="Merge Stable Diffusion checkpoints.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens, key by key")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -45,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe(commands)
     _add_demo(commands)
     _add_ui(commands)
+    for module in dict.fromkeys(command_modules):  # in order, once each
+        importlib.import_module(module).add_command(commands)
     return parser
 
 
@@ -264,8 +271,8 @@ def run_demo(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, command_modules: tuple[str, ...] = COMMAND_MODULES) -> int:
+    args = build_parser(command_modules).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.run(args)

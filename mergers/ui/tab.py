@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -46,6 +47,10 @@ from mergers.ui.sections import Widgets
 
 log = logging.getLogger(__name__)
 
+# Tabs that live beside their feature: (label, "module:function"); the function lays
+# its tab out in the open gr.Tab and binds its own events, given the session.
+FEATURE_TABS: tuple[tuple[str, str], ...] = ()
+
 METHOD_OUTPUTS = ("calcmode", "beta", "gamma", "seed", "model_c", METHOD_INFO, MESSAGE)
 
 
@@ -60,17 +65,25 @@ def build_tab(session: MergeSession) -> gr.Blocks:
     return tab
 
 
-def tab_contents(session: MergeSession) -> Widgets:
+def tab_contents(session: MergeSession, feature_tabs: tuple[tuple[str, str], ...] = FEATURE_TABS) -> Widgets:
     """Lay the tab out in the open Blocks and bind its events; returns the components by name."""
     actions = TabActions(session)
     w: Widgets = {LAYOUT: gr.State("sd1")}
     with gr.Tabs() as w[TABS]:
         with gr.Tab("Merge", id=MERGE_TAB):
             _merge_tab(w, actions)
+        for label, target in dict(feature_tabs).items():
+            with gr.Tab(label, id=label.lower().replace(" ", "_")):
+                _feature(target)(session)
         with gr.Tab("History", id="history"):
             sections.history_section(w, actions.history_rows())
     _bind_all(w, actions)
     return w
+
+
+def _feature(target: str) -> Callable[[MergeSession], Any]:
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def _merge_tab(w: Widgets, actions: TabActions) -> None:
