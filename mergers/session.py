@@ -16,12 +16,14 @@ import contextlib
 import re
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from mergers.engine import ProgressCallback, run_plan
+import torch
+
+from mergers.engine import CancelToken, ProgressCallback, run_plan
 from mergers.errors import MergeError, OutputError
 from mergers.history import History, HistoryEntry, merge_name
 from mergers.host import Generated, GenerationParams, Host
@@ -43,12 +45,13 @@ class MergeOutcome:
     """What a merge did, for the UI's message and the API's answer."""
 
     name: str
-    recipe: Recipe  # as run: dice drawn, seeds fixed
+    recipe: Optional[Recipe]  # as run: dice drawn, seeds fixed; None for apply_stream
     history_id: Optional[int]
     merged_keys: int
     swapped: bool  # written into the loaded model (False: no model loaded; use Save)
     seconds: float
     architecture: str
+    info: Mapping[str, Any] = field(default_factory=dict)  # what a non-recipe change (apply_stream) was
 
     @property
     def summary(self) -> str:
@@ -79,6 +82,30 @@ class MergeSession:
             self.current = outcome
             return outcome
 
+    def apply_stream(self, name: str, stream: Callable[[CancelToken], Iterable[tuple[str, torch.Tensor]]], *,
+                     info: Optional[Mapping[str, Any]] = None) -> int:
+        """Swap a stream of tensors made by another feature (e.g. a LoRA applied to the loaded
+        checkpoint) into the loaded model, restored exactly if it fails; returns tensors changed.
+
+        ``stream(cancel)`` is called once, under the session's one-at-a-time rule; the result
+        becomes ``current`` with no recipe (Save re-streams recipes only, so it is refused).
+
+        Example:
+            >>> session.apply_stream("model + lora", lambda cancel: lora_pairs(...), info={"lora": "x:0.5"})
+        """
+        with self._running():
+            started = time.perf_counter()
+            live = self.host.live_model()
+            if live is None:
+                raise MergeError("no model is loaded to apply this to")
+            if self._swapper is None or self._swapper.live is not live:
+                self._swapper = Swapper(live)
+            with self.host.lock():
+                report = self._swapper.apply(stream(self._cancel), cancel=self._cancel)
+            self.current = MergeOutcome(name, None, None, report.changed, True, time.perf_counter() - started,
+                                        "", dict(info or {}))
+            return report.changed
+
     def merge_and_generate(self, recipe: Recipe, params: GenerationParams, *,
                            on_progress: Optional[ProgressCallback] = None) -> tuple[MergeOutcome, Generated]:
         """Merge, then generate with the merged model."""
@@ -91,7 +118,9 @@ class MergeSession:
             raise MergeError("preview needs the web UI: this host has no image generator")
         extra = {}
         if self.current is not None and self.current.swapped:
-            extra = {"SuperMerger": self.current.name, "SuperMerger recipe": self.current.recipe.to_json()}
+            extra = {"SuperMerger": self.current.name, **self.current.info}
+            if self.current.recipe is not None:
+                extra["SuperMerger recipe"] = self.current.recipe.to_json()
             if self.current.history_id is not None:
                 extra["SuperMerger ID"] = self.current.history_id
         return self.host.generate(params, extra_info=extra)
@@ -101,6 +130,8 @@ class MergeSession:
         """Write the current merge to ``models_dir/filename`` by streaming its recipe again (exact, any dtype)."""
         if self.current is None:
             raise MergeError("nothing to save: merge first")
+        if self.current.recipe is None:
+            raise MergeError(f"{self.current.name} has no merge recipe to save from; save it from where it was made")
         target = self.output_path(filename)
         recipe = self.current.recipe.with_changes(dtype=dtype, prune=prune, bake_vae=bake_vae)
         with self._running():

@@ -124,3 +124,32 @@ def test_generate_without_a_generator_says_so(folder):
     session = MergeSession(FolderHost(folder, data_dir=folder / "data"))
     with pytest.raises(MergeError, match="preview needs the web UI"):
         session.generate(session.host.default_generation())
+
+
+def test_apply_stream_swaps_another_features_tensors_and_restores(folder):
+    live = FakeLive.load(folder / "a.safetensors")
+    session = MergeSession(LiveFolderHost(folder, live))
+    key = next(k for k in live.tensors() if k.endswith("proj_in.weight"))
+    before = live.tensors()[key].clone()
+    changed = session.apply_stream("a + lora", lambda cancel: [(key, before + 1)], info={"LoRA": "x:0.5"})
+    assert changed == 1 and torch.equal(live.tensors()[key], before + 1)
+    assert session.current.recipe is None and session.current.info == {"LoRA": "x:0.5"}
+    with pytest.raises(MergeError, match="no merge recipe"):
+        session.save("out")
+    session.restore()
+    assert torch.equal(live.tensors()[key], before)
+
+
+def test_apply_stream_that_fails_leaves_the_model_as_it_was(folder):
+    live = FakeLive.load(folder / "a.safetensors")
+    session = MergeSession(LiveFolderHost(folder, live))
+    keys = [k for k in live.tensors() if k.endswith(".weight")][:2]
+    before = {k: live.tensors()[k].clone() for k in keys}
+
+    def failing(cancel):
+        yield keys[0], before[keys[0]] * 0
+        raise MergeError("lora.safetensors: broken")
+
+    with pytest.raises(MergeError, match="broken"):
+        session.apply_stream("bad", failing)
+    assert all(torch.equal(live.tensors()[k], before[k]) for k in keys)
