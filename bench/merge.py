@@ -8,12 +8,19 @@ caches are dropped before every timed run when the system allows it, and the
 cases run round-robin, so drift in disk speed hits every row alike.
 
 A case is a row: a name, the models it reads and a function building its
-command. Peers (sd-mecha, a naive load-all merge) are added to ``PEERS``.
+command. The peers (bench/peers.py: a naive load-all merge as A1111's merger does
+it, sd-mecha and sd-meh from PyPI) run from a venv this script makes under
+bench/out/peers-venv, which reuses this project's torch. Peers that load whole
+models need ~20 GB for SDXL: they run only with that much memory available right
+before (``--skip-sdxl-peers`` skips them anyway). ``--warm`` keeps the page cache
+(the issue's targets are warm-cache figures); the report gives medians, best of N,
+and ratios to the I/O floor and to each peer of the same run.
 
 Example:
     python bench/make_models.py --arch sd1 sdxl
     python bench/merge.py --arch sd1 sdxl --runs 3
     python bench/merge.py --arch sd1 sdxl --runs 3 sdxl=1   # fewer runs for the big one
+    python bench/merge.py --arch sd1 --warm --runs 3         # warm page cache, with peers
 """
 
 from __future__ import annotations
@@ -145,8 +152,67 @@ def supermerger_cases() -> list[Case]:
     ]
 
 
-# Peers to compare, each a function arch -> list[Case]; e.g. sd-mecha or a naive load-all merge.
-PEERS: tuple[Callable[[str], list[Case]], ...] = (lambda arch: supermerger_cases(),)
+PEERS_VENV = OUT / "peers-venv"
+PEER_PACKAGES = ("sd-mecha", "sd-meh", "tensordict")  # sd-meh imports tensordict without declaring it
+# Whole-model peers hold A, B (and C) and the result: ~20 GB for SDXL, ~6.5 GB for SD1.5.
+PEER_MEMORY_GB = {"sd1": 8, "sd2": 8, "sdxl": 22}
+
+
+def peer(name: str, mode: str, python: str) -> Builder:
+    """A builder for ``bench/peers.py NAME MODE 0.5 OUT INPUTS`` under ``python``."""
+    def build(inputs: Sequence[Path], out: Path) -> list[str]:
+        return [python, str(BENCH / "peers.py"), name, mode, "0.5", str(out), *map(str, inputs)]
+    return build
+
+
+def peer_cases(arch: str) -> list[Case]:
+    """The peers' rows (weight sum and add difference, α = 0.5), or none when memory is short."""
+    if not peers_fit(arch):
+        return []
+    python = str(PEERS_VENV / "bin" / "python")
+    rows = [("naive load-all (A1111's merger)", "naive", PYTHON), ("sd-mecha", "sd-mecha", python),
+            ("sd-meh", "sd-meh", python)]
+    return [Case(f"{label} {mode} α=0.5", models, peer(name, mode, exe))
+            for label, name, exe in rows
+            for mode, models in (("weight_sum", ("a", "b")), ("add_difference", ("a", "b", "c")))]
+
+
+SKIPPED: list[str] = []  # notes for the report: peers left out and why
+
+
+def peers_fit(arch: str) -> bool:
+    """True when the whole-model peers may run for ``arch`` now (memory available, not skipped)."""
+    import psutil
+    available = psutil.virtual_memory().available / 2**30
+    if arch == "sdxl" and SKIP_SDXL_PEERS:
+        SKIPPED.append(f"{arch}: peers skipped (--skip-sdxl-peers)")
+        return False
+    if available < PEER_MEMORY_GB[arch]:
+        SKIPPED.append(f"{arch}: peers skipped: {available:.1f} GB available, they need {PEER_MEMORY_GB[arch]} GB")
+        return False
+    return True
+
+
+SKIP_SDXL_PEERS = False
+
+
+def ensure_peers_venv() -> None:
+    """Make bench/out/peers-venv with the peers from PyPI; it sees this venv's torch through a .pth file."""
+    python = PEERS_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([PYTHON, "-m", "venv", str(PEERS_VENV)], check=True)
+        site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        ours = subprocess.run([PYTHON, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        Path(site, "_supermerger_torch.pth").write_text(ours + "\n")  # same torch for every row
+    missing = subprocess.run([str(python), "-c", "import sd_mecha, sd_meh.merge"], capture_output=True).returncode
+    if missing:
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_PACKAGES], check=True)
+
+
+# Rows to compare, each a function arch -> list[Case].
+PEERS: tuple[Callable[[str], list[Case]], ...] = (lambda arch: supermerger_cases(), peer_cases)
 
 
 def cases_for(arch: str) -> list[Case]:
@@ -273,11 +339,27 @@ def bench_arch(arch: str, settings: Settings) -> tuple[list[Row], Run]:
     measured: list[list[Run]] = [[] for _ in cases]
     for index in range(settings.runs[arch]):
         for case, argv, done in zip(cases, commands, measured):
+            if is_peer(case) and not memory_for_peer(arch):  # checked right before each run: others share the RAM
+                continue
             done.append(measure(argv, child, out))
             print(f"{arch}: {case.name} run {index + 1}: {done[-1].seconds:.1f} s, CPU {done[-1].cpu_seconds:.1f} s, "
                   f"{done[-1].peak_rss_mb:.0f} MB, others' CPU {done[-1].busy_before:.0f} %", flush=True)
     out.unlink(missing_ok=True)
-    return [Row(arch, case, tuple(done)) for case, done in zip(cases, measured)], first
+    return [Row(arch, case, tuple(done)) for case, done in zip(cases, measured) if done], first
+
+
+def is_peer(case: Case) -> bool:
+    return not case.is_floor and not case.name.startswith("supermerger")
+
+
+def memory_for_peer(arch: str) -> bool:
+    """True when a whole-model peer fits in the memory available now; else the run is noted and skipped."""
+    import psutil
+    available = psutil.virtual_memory().available / 2**30
+    if available >= PEER_MEMORY_GB[arch]:
+        return True
+    SKIPPED.append(f"{arch}: a peer run skipped: {available:.1f} GB available, it needs {PEER_MEMORY_GB[arch]} GB")
+    return False
 
 
 # ---------------------------------------------------------------- reporting
@@ -291,20 +373,46 @@ def floor_seconds(arch: str, models: tuple[str, ...], rows: Sequence[Row]) -> fl
 
 def table(rows: Sequence[Row], firsts: dict[str, Run]) -> str:
     """The results as a markdown table."""
-    lines = ["| arch | case | runs | wall s (median) | min–max s | CPU s | peak RSS MB | × I/O floor | others' CPU % |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| arch | case | runs | wall s (median) | min–max s | CPU s | peak RSS MB | × I/O floor | "
+             "× I/O floor (best of N) | others' CPU % |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         floor = floor_seconds(row.arch, row.case.models, rows)
+        best_floor = floor_best(row.arch, row.case.models, rows)
+        best = min(r.seconds for r in row.runs)
         ratio = f"{row.seconds / floor:.2f}" if floor else "–"
-        spread = f"{min(r.seconds for r in row.runs):.1f}–{max(r.seconds for r in row.runs):.1f}"
+        best_ratio = f"{best / best_floor:.2f}" if best_floor else "–"
+        spread = f"{best:.1f}–{max(r.seconds for r in row.runs):.1f}"
         lines.append(f"| {row.arch} | {row.case.name} | {len(row.runs)} | {row.seconds:.1f} | {spread} | "
-                     f"{row.cpu_seconds:.1f} | {row.peak_rss_mb:.0f} | {ratio} | {row.busy_before:.0f} |")
+                     f"{row.cpu_seconds:.1f} | {row.peak_rss_mb:.0f} | {ratio} | {best_ratio} | {row.busy_before:.0f} |")
     for arch, run in firsts.items():
         floor = floor_seconds(arch, ("a", "b"), rows)
         lines.append(f"| {arch} | first run: weight_sum α=0.5, hashing A+B (cold hash cache) | 1 | "
                      f"{run.seconds:.1f} | – | {run.cpu_seconds:.1f} | {run.peak_rss_mb:.0f} | "
-                     f"{run.seconds / floor:.2f} | {run.busy_before:.0f} |")
-    return "\n".join(lines)
+                     f"{run.seconds / floor:.2f} | – | {run.busy_before:.0f} |")
+    return "\n".join(lines) + "\n\n" + peer_table(rows)
+
+
+def floor_best(arch: str, models: tuple[str, ...], rows: Sequence[Row]) -> float | None:
+    """The I/O floor's best single run for these inputs."""
+    floors = [min(r.seconds for r in row.runs) for row in rows
+              if row.case.is_floor and row.arch == arch and row.case.models == models]
+    return min(floors) if floors else None
+
+
+def peer_table(rows: Sequence[Row]) -> str:
+    """supermerger's α=0.5 rows against each peer's row for the same mode, from the same run."""
+    lines = ["| arch | mode | peer | peer wall s (median) | supermerger wall s | peer ÷ supermerger (median) | "
+             "(best of N) | peer RSS MB | supermerger RSS MB |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for ours in (r for r in rows if r.case.name.startswith("supermerger ") and "α=0.5" in r.case.name):
+        mode = ours.case.name.split()[1]
+        for theirs in (r for r in rows if r.arch == ours.arch and not r.case.is_floor
+                       and not r.case.name.startswith("supermerger") and f" {mode} " in r.case.name):
+            best = min(r.seconds for r in theirs.runs) / min(r.seconds for r in ours.runs)
+            lines.append(f"| {ours.arch} | {mode} | {theirs.case.name.rsplit(' ' + mode, 1)[0]} | {theirs.seconds:.1f} | "
+                         f"{ours.seconds:.1f} | {theirs.seconds / ours.seconds:.2f} | {best:.2f} | "
+                         f"{theirs.peak_rss_mb:.0f} | {ours.peak_rss_mb:.0f} |")
+    return "\n".join(lines + [f"\n- {note}" for note in SKIPPED])
 
 
 def machine(dropped: bool) -> str:
@@ -313,7 +421,7 @@ def machine(dropped: bool) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     caches = ("page cache dropped before every timed run (drop_caches; a VM host below may still cache)" if dropped
-              else "page cache NOT dropped (not permitted): runs may read from cache")
+              else "page cache warm: not dropped between runs (--warm, or drop_caches not permitted)")
     return (f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}\n"
             f"- CPU: {cpu}, {os.cpu_count()} cores; RAM {psutil.virtual_memory().total / 2**30:.1f} GiB\n"
             f"- Python {platform.python_version()}, torch {importlib.metadata.version('torch')}, {platform.platform()}\n"
@@ -349,6 +457,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quiet-wait", type=float, default=20.0,
                         help="before each timed run, wait up to this many seconds for other work to stop "
                              "using the CPUs (default 20)")
+    parser.add_argument("--warm", action="store_true",
+                        help="keep the page cache between runs (warm-cache figures, as the issue's targets)")
+    parser.add_argument("--skip-sdxl-peers", action="store_true",
+                        help="never run the whole-model peers on SDXL (they need ~20 GB of RAM)")
+    parser.add_argument("--no-peers", action="store_true", help="only supermerger's rows and the I/O floor")
     parser.add_argument("--live", action="store_true",
                         help="run the checkout's mergers/ as it is, not a snapshot taken at start")
     return parser.parse_args(argv)
@@ -373,9 +486,15 @@ def runs_per_arch(items: Sequence[str], archs: Sequence[str]) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global PEERS, SKIP_SDXL_PEERS
     args = parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
-    dropped = try_drop_caches()
+    SKIP_SDXL_PEERS = args.skip_sdxl_peers
+    if args.no_peers:
+        PEERS = PEERS[:1]
+    else:
+        ensure_peers_venv()
+    dropped = False if args.warm else try_drop_caches()
     if args.live:
         src, source = ROOT, "mergers/ run live from the checkout"
     else:

@@ -20,7 +20,9 @@ from mergers.checkpoint import open_checkpoint
 from mergers.demo import ensure_demo_models
 from mergers.dice import Dice
 from mergers.errors import MergeError
-from mergers.merge import merge_to_file
+from mergers.estimate import estimate
+from mergers.interop import describe_stored_recipes, rerunnable_recipe
+from mergers.merge import merge_to_file, open_sources, resolve_path
 from mergers.metadata import A1111_RECIPE_KEY, stored_recipe
 from mergers.methods import CALCMODES, MODES
 from mergers.models import find_model
@@ -38,7 +40,7 @@ When block weights are given they decide every key, BASE included; --alpha/--bet
 
 
 # Commands that live beside their feature: each module has ``add_command(commands)``.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("mergers.run_cli", "mergers.xyz.cli", "mergers.lora.cli", "mergers.analysis_cli")
 
 
 def build_parser(command_modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.ArgumentParser:
@@ -133,8 +135,9 @@ def _add_info(commands) -> None:
 
 def _add_recipe(commands) -> None:
     cmd = commands.add_parser("recipe", help="re-run the merge recipe stored in a merged file",
-                              description="Re-run the recipe stored in FILE's metadata; the inputs are "
-                                          "found in --models DIR by name, else by sha256.")
+                              description="Re-run the recipe stored in FILE's metadata (ours, the original "
+                                          "SuperMerger's, A1111's or sd-mecha's, where it maps onto ours); the "
+                                          "inputs are found in --models DIR by name, else by sha256.")
     cmd.add_argument("file", metavar="FILE")
     cmd.add_argument("--models", metavar="DIR", default=".", help="folder holding the input models (default .)")
     _add_output_options(cmd)
@@ -149,9 +152,12 @@ def _add_demo(commands) -> None:
 
 
 def _add_ui(commands) -> None:
-    cmd = commands.add_parser("ui", help="the Merge tab as a standalone web app (no A1111 needed)",
+    cmd = commands.add_parser("ui", help="the Merge tab and the HTTP API as a standalone web app (no A1111 needed)",
                               description="Serve the Merge tab over the checkpoints in --models (subfolders "
-                                          "included). Merges are saved to files; previews need the web UI.")
+                                          "included), and beside it the HTTP API (/supermerger/v1/..., "
+                                          "described at /docs). Merges are saved to files; previews need the "
+                                          "web UI. There is no login: keep --host on this machine, or put "
+                                          "the app behind one.")
     cmd.add_argument("--models", metavar="DIR", help="checkpoints folder (default: the demo models, made once)")
     cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     cmd.add_argument("--port", type=int, default=7860, help="port (default 7860)")
@@ -186,6 +192,8 @@ def run_merge(args) -> int:
 
 def _merge_and_report(recipe: Recipe, args, resolve=None) -> int:
     options = {"resolve": resolve} if resolve else {}
+    with open_sources(recipe, resolve or resolve_path) as sources:  # headers only: errors come before any work
+        print(estimate(recipe, sources, device=args.device).text())
     with tqdm(total=0, unit="key", desc="merging", disable=None) as bar:
         def progress(done: int, total: int, key: str) -> None:
             bar.total = total
@@ -236,6 +244,7 @@ def checkpoint_info(ckpt) -> dict:
         "shorthash": ckpt.shorthash(),
         "legacy_hash": ckpt.legacy_hash(),
         "recipe": stored[0].to_dict() if stored else _a1111_recipe(ckpt.metadata),
+        "stored_recipes": describe_stored_recipes(ckpt.metadata),
     }
 
 
@@ -250,11 +259,8 @@ def _a1111_recipe(metadata: dict):
 
 
 def run_recipe(args) -> int:
-    with open_checkpoint(args.file) as ckpt:
-        stored = stored_recipe(ckpt.metadata, source=ckpt.name)
-    if stored is None:
-        raise MergeError(f"{args.file}: no supermerger recipe in its metadata")
-    recipe, models = stored
+    with open_checkpoint(args.file) as ckpt:  # ours, the original's, A1111's or sd-mecha's, where it maps
+        recipe, models = rerunnable_recipe(ckpt.metadata, source=str(args.file))
     folder = Path(args.models)
     return _merge_and_report(recipe, args, resolve=lambda name: find_model(name, folder, models))
 

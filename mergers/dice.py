@@ -367,6 +367,9 @@ def _block_limits(letter: str, block: int, table: _Table) -> tuple[float, float]
 
 def _draw_position(layout: str, block: int) -> int:
     """The draw a block reads: its SD1 position, so SDXL gets the numbers the original merges."""
+    if layout not in DICE_LAYOUTS:
+        raise WeightsError(f"the dice roll SD1/SD2 and SDXL block weights only, not {LAYOUT_LABELS[layout]}: "
+                           "type this model's block weights instead")
     return block_ids("sd1").index(block_ids(layout)[block])
 
 
@@ -424,6 +427,10 @@ def _whole(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise WeightsError(f"{name} must be a whole number; got {value!r}")
     return int(value)
+
+
+# The original's dice deal SD1 positions (SDXL reads its blocks' SD1 positions); nothing more.
+DICE_LAYOUTS = ("sd1", "sdxl")
 
 
 def _layout_ids(layout: str) -> tuple[str, ...]:

@@ -273,7 +273,7 @@ def csv_row(entry: HistoryEntry) -> list[str]:
         _weights_column(recipe.weights_beta) if use_beta else "",
         *(_shorthash(entry.models.get(role, {})) for role in ROLES),
         str(recipe.alpha), str(recipe.beta),
-        f"{MODES[recipe.mode]}:{MODE_FORMULAS[recipe.mode]}",
+        f"{MODES[recipe.mode]}:{MODE_FORMULAS.get(recipe.mode, recipe.method.formula)}",
         str(recipe.weights_alpha is not None),
         "",  # custom name: ours is the display name, column 2
         str(_save_settings(recipe)), "[]",  # "save merged model ID to": nothing (the UI's choice)

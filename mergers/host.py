@@ -68,6 +68,8 @@ class Host(Protocol):
 
     data_dir: Path  # history and user presets live here
     models_dir: Path  # where "Save" writes
+    grids_dir: Path  # where XYZ plots save their grid images
+    # Optional: ``lora_dir``, where the LoRA tab looks for LoRA files (else models/Lora beside the checkpoints).
 
     def list_models(self) -> list[ModelEntry]: ...
 

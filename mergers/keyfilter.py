@@ -33,7 +33,7 @@ NOT = "NOT"
 PRINT_OPTION = "print"  # the original's logging switch among the checked blocks; not a block
 VAE_PREFIX = "first_stage_model"
 # A real checkpoint stands for each layout when the caller gives no key list.
-LAYOUT_FAMILIES = {"sd1": "sd1", "sdxl": "sdxl"}
+LAYOUT_FAMILIES = {"sd1": "sd1", "sdxl": "sdxl", "flux": "flux", "sd3": "sd3", "sd3_large": "sd3"}
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -16,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from mergers.checkpoint import open_checkpoint
+from mergers.chain import RecipeCheckpoint, input_files, opened_sources, portable_recipe
 from mergers.engine import CancelToken, ProgressCallback, run_plan
 from mergers.errors import CheckpointError
-from mergers.metadata import merge_metadata
+from mergers.metadata import RECIPE_KEY, merge_metadata
 from mergers.plan import MergePlan, Sources, plan_merge
 from mergers.recipe import Recipe
 from mergers.writer import BackgroundWrites, SafetensorsWriter
@@ -47,17 +48,18 @@ def resolve_path(name: str) -> Path:
 
 
 @contextlib.contextmanager
-def open_sources(recipe: Recipe, resolve: Resolver = resolve_path) -> Iterator[Sources]:
-    """Open the recipe's input files (and the VAE to bake), closing them afterwards.
+def open_sources(recipe: Recipe, resolve: Resolver = resolve_path, *,
+                 device: Optional[str] = None) -> Iterator[Sources]:
+    """Open the recipe's input files (and the VAE to bake), closing them afterwards. A chained
+    input (a nested recipe, or a saved ``NAME.recipe.json``) opens as a virtual checkpoint
+    whose keys are merged on ``device`` as they are read (mergers/chain.py).
 
     Example:
         >>> with open_sources(recipe) as sources:
         ...     plan = plan_merge(recipe, sources)
     """
-    with contextlib.ExitStack() as stack:
-        opened = [stack.enter_context(open_checkpoint(resolve(name))) for name in recipe.models]
-        vae = stack.enter_context(open_checkpoint(resolve(recipe.bake_vae))) if recipe.bake_vae else None
-        yield Sources(*opened, *([None] * (3 - len(opened))), vae=vae)
+    with opened_sources(recipe, resolve, device=device) as sources:
+        yield sources
 
 
 def merge_to_file(recipe: Recipe, output: str | os.PathLike, *, resolve: Resolver = resolve_path,
@@ -72,11 +74,11 @@ def merge_to_file(recipe: Recipe, output: str | os.PathLike, *, resolve: Resolve
     """
     started = time.perf_counter()
     warnings: list[str] = []
-    with open_sources(recipe, resolve) as sources:
+    with open_sources(recipe, resolve, device=device) as sources:
         plan = plan_merge(recipe, sources)
         placeholders = _hash_placeholders(sources)
-        metadata = merge_metadata(plan, sources, digest=lambda c: placeholders.get(id(c)) or c.sha256())
-        protect = [c.path for c in (sources.a, sources.b, sources.c, sources.vae) if c is not None]
+        metadata = _metadata(plan, sources, digest=lambda c: placeholders.get(id(c)) or c.sha256())
+        protect = [c.path for c in (*input_files(sources).values(), sources.vae) if c is not None]
         with SafetensorsWriter(output, plan.specs, metadata=metadata, overwrite=overwrite, protect=protect,
                                reserve=HASH_SLACK if placeholders else 0) as out:
             with BackgroundWrites(out) as writes:
@@ -84,7 +86,7 @@ def merge_to_file(recipe: Recipe, output: str | os.PathLike, *, resolve: Resolve
                                             warnings=warnings):
                     writes.write(key, tensor)
             if placeholders:  # the reads are done, so are the hashes
-                metadata = merge_metadata(plan, sources)
+                metadata = _metadata(plan, sources)
                 out.rewrite_metadata(metadata)
     return MergeResult(Path(output), plan, metadata, time.perf_counter() - started, tuple(warnings))
 
@@ -93,10 +95,22 @@ def merge_to_file(recipe: Recipe, output: str | os.PathLike, *, resolve: Resolve
 HASH_SLACK = 1024
 
 
+def _metadata(plan: MergePlan, sources: Sources, *, digest=None) -> dict[str, str]:
+    """The merged file's metadata; a chained merge records its whole recipe tree and every file it read."""
+    metadata = merge_metadata(plan, sources, digest=digest)
+    if not any(isinstance(model, RecipeCheckpoint) for model in sources.models) and not sources.more:
+        return metadata
+    ours = json.loads(metadata[RECIPE_KEY])
+    ours["recipe"] = portable_recipe(plan.recipe, sources).to_dict()
+    digest = digest or (lambda ckpt: ckpt.sha256())
+    ours["models"] = {role: {"name": c.name, "sha256": digest(c)} for role, c in input_files(sources).items()}
+    return {**metadata, RECIPE_KEY: json.dumps(ours, ensure_ascii=False)}
+
+
 def _hash_placeholders(sources: Sources) -> dict[int, str]:
     """Inputs whose sha256 is not cached are hashed from the merge's own reads (one pass over
     the file instead of two); until then their metadata holds a same-length placeholder."""
-    inputs = [c for c in (sources.a, sources.b, sources.c) if c is not None]
+    inputs = list({id(c): c for c in (*sources.models, *input_files(sources).values())}.values())
     return {id(c): f"{n:064x}" for n, c in enumerate(inputs, start=1) if c.hash_while_reading()}
 
 
@@ -109,7 +123,7 @@ def merge_stream(recipe: Recipe, *, resolve: Resolver = resolve_path, device: Op
         >>> for key, tensor in merge_stream(recipe):
         ...     params[key].copy_(tensor)
     """
-    with open_sources(recipe, resolve) as sources:
+    with open_sources(recipe, resolve, device=device) as sources:
         plan = plan_merge(recipe, sources)
         yield from run_plan(plan, sources, device=device, output_device=output_device,
                             on_progress=on_progress, cancel=cancel)

@@ -15,6 +15,8 @@ from mergers.errors import CheckpointError
 from mergers.hashing import sha256_of_file
 
 CHECKPOINT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+# A saved recipe that stands in for a checkpoint (mergers/chain.py merges it on demand).
+VIRTUAL_SUFFIX = ".recipe.json"
 
 
 def list_checkpoints(folder: Path) -> Iterator[Path]:
@@ -27,6 +29,16 @@ def list_checkpoints(folder: Path) -> Iterator[Path]:
     return iter(sorted(p for p in folder.rglob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file()))
 
 
+def list_virtual_checkpoints(folder: Path) -> Iterator[Path]:
+    """Every saved recipe (``NAME.recipe.json``) under ``folder``, sorted: checkpoints without the gigabytes.
+
+    Example:
+        >>> [p.name for p in list_virtual_checkpoints(Path("models"))]
+        ['ab.recipe.json']
+    """
+    return iter(sorted(p for p in folder.rglob("*" + VIRTUAL_SUFFIX) if p.is_file()))
+
+
 def find_model(name: str, folder: Path, known: Mapping[str, Mapping[str, str]] | None = None) -> Path:
     """The file in ``folder`` that is the model ``name`` (checked by sha256 when known).
 
@@ -34,6 +46,11 @@ def find_model(name: str, folder: Path, known: Mapping[str, Mapping[str, str]] |
         >>> find_model("a.safetensors", Path("models"), {"model_a": {"name": "a.safetensors", "sha256": "…"}})
         PosixPath('models/a.safetensors')
     """
+    if name.lower().endswith(VIRTUAL_SUFFIX):  # a recipe has no file hash: found by name
+        found = [p for p in list_virtual_checkpoints(folder) if p.name == Path(name).name]
+        if found:
+            return found[0]
+        raise CheckpointError(f"saved recipe {name!r} not found in {folder}")
     wanted = _wanted_hash(name, known or {})
     by_name = [p for p in list_checkpoints(folder) if p.name == Path(name).name]
     for path in by_name:

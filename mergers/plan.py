@@ -20,14 +20,15 @@ from typing import Optional
 import torch
 
 from mergers.adjust import Adjust, adjust_for_key, parse_adjust
-from mergers.arch import Architecture, block_ids, block_of, detect_architecture, fine_block_of_sdxl, require_supported
+from mergers.arch import (Architecture, block_ids, block_of, detect_architecture, fine_block_of_sdxl, merges_by_name,
+                          require_supported)
 from mergers.checkpoint import Checkpoint
 from mergers.dice import roll
 from mergers.elemental import ElementalRule, elemental_ratio, parse_elemental, uses_random
 from mergers.errors import ArchitectureError
 from mergers.keyfilter import KeyFilter, parse_key_filter, stays_as_a
 from mergers.methods import MergeMethod
-from mergers.recipe import Recipe, resolve_seed
+from mergers.recipe import Recipe, resolve_seed, takes_any_number
 from mergers.weights import BlockWeights, parse_weights
 from mergers.writer import TensorSpec, cast_for_output, output_dtype
 
@@ -36,7 +37,12 @@ CLIP_IDS_KEY = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 SKIP_FROM_B = frozenset({CLIP_IDS_KEY})
 # prune keeps only these components (the original's prune_model).
 PRUNE_KEEP = {"sd1": ("diffusion_model.", "first_stage_model.", "cond_stage_model."),
-              "sdxl": ("diffusion_model.", "first_stage_model.", "conditioner.")}
+              "sdxl": ("diffusion_model.", "first_stage_model.", "conditioner."),
+              # Flux files come whole, diffusion-only, or with bare keys (double_blocks.0…).
+              "flux": ("diffusion_model.", "text_encoders.", "vae.", "double_blocks.", "single_blocks.", "img_in.",
+                       "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer."),
+              "sd3": ("diffusion_model.", "first_stage_model.", "text_encoders.")}
+PRUNE_FAMILY = {"sd1": "sd1", "sdxl": "sdxl", "flux": "flux", "sd3": "sd3", "sd3_large": "sd3"}
 VAE_PREFIX = "first_stage_model."
 
 
@@ -48,6 +54,12 @@ class Sources:
     b: Checkpoint
     c: Optional[Checkpoint] = None
     vae: Optional[Checkpoint] = None
+    more: tuple[Checkpoint, ...] = ()  # models D, E, … for methods that take any number
+
+    @property
+    def models(self) -> tuple[Checkpoint, ...]:
+        """Every input model, A first (the VAE to bake is not one)."""
+        return tuple(m for m in (self.a, self.b, self.c, *self.more) if m is not None)
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,7 @@ class MergePlan:
     weights_beta: Optional[BlockWeights] = None
     prepass_keys: tuple[str, ...] = ()  # keys a statistics pass reads first (cosineA/B)
     key_filter: KeyFilter = KeyFilter()
+    input_count: int = 2  # the models each merged key reads: the method's count, or all for N-model methods
 
     @property
     def specs(self) -> list[TensorSpec]:
@@ -109,7 +122,7 @@ def plan_merge(recipe: Recipe, sources: Sources) -> MergePlan:
     steps = [step for key in sources.a if (step := _step_for_a_key(key, context))]
     steps += [_copy_from_b(key, context) for key in sources.b if _only_in_b(key, context)]
     return MergePlan(recipe, method, arch, tuple(steps), weights_alpha, weights_beta, _prepass_keys(context),
-                     context.key_filter)
+                     context.key_filter, len(context.merged_models))
 
 
 def _roll_dice(recipe: Recipe, arch: Architecture, model_a: Checkpoint) -> tuple[Recipe, Callable]:
@@ -161,8 +174,12 @@ class _Context:
 
     @property
     def merged_models(self) -> list[Checkpoint]:
-        models = [self.sources.a, self.sources.b, self.sources.c]
-        return models[: self.method.models]
+        return list(merged_models(self.method, self.sources))
+
+
+def merged_models(method: MergeMethod, sources: Sources) -> tuple[Checkpoint, ...]:
+    """The inputs a merged key reads: the method's count, or every model for N-model methods."""
+    return sources.models if takes_any_number(method) else (sources.a, sources.b, sources.c)[: method.models]
 
 
 def _step_for_a_key(key: str, ctx: _Context) -> Optional[KeyStep]:
@@ -192,7 +209,7 @@ def _step_for_a_key(key: str, ctx: _Context) -> Optional[KeyStep]:
 
 
 def _merges(key: str, block: Optional[str], ctx: _Context) -> bool:
-    if block is None or "model" not in key or not ("weight" in key or "bias" in key):
+    if block is None or not merges_by_name(key, ctx.arch.layout):
         return False
     if ctx.method.skips(key):
         return False
@@ -227,7 +244,7 @@ def _out_dtype(dtype: torch.dtype, ctx: _Context) -> torch.dtype:
 
 
 def _kept_by_prune(key: str, arch: Architecture) -> bool:
-    keep = PRUNE_KEEP["sdxl" if arch.family == "sdxl" else "sd1"]
+    keep = PRUNE_KEEP[PRUNE_FAMILY[arch.layout]]
     return any(part in key for part in keep)
 
 
@@ -278,10 +295,12 @@ def _differs_in_channels_only(shape_a: tuple, shape: tuple) -> bool:
 def _check_model_count(method: MergeMethod, sources: Sources) -> None:
     if method.models == 3 and sources.c is None:
         raise ArchitectureError(f"{method.label!r} needs model C")
+    if len(sources.models) < method.models:
+        raise ArchitectureError(f"{method.label!r} needs at least {method.models} models, got {len(sources.models)}")
 
 
 def _common_architecture(sources: Sources) -> Architecture:
-    models = [m for m in (sources.a, sources.b, sources.c) if m is not None]
+    models = list(sources.models)
     archs = [detect_architecture(m.shapes, m.metadata, source=m.name) for m in models]
     for model, arch in zip(models, archs):
         require_supported(arch, source=model.name)

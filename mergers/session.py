@@ -7,6 +7,8 @@ interleaved.
 Example:
     >>> session = MergeSession(host)
     >>> outcome = session.merge(Recipe(model_a="a.safetensors", model_b="b.safetensors", alpha=0.3))
+    >>> session.merge(outcome.recipe.with_changes(weights_alpha="GRAD_V"), only_changed=True).rewritten
+    1130
     >>> session.restore()
 """
 
@@ -17,9 +19,9 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -28,12 +30,15 @@ from mergers.errors import MergeError, OutputError
 from mergers.history import History, HistoryEntry, merge_name
 from mergers.host import Generated, GenerationParams, Host
 from mergers.merge import merge_to_file, open_sources
-from mergers.plan import MergePlan, plan_merge
+from mergers.plan import KeyStep, MergePlan, Sources, plan_merge
 from mergers.recipe import Recipe
 from mergers.swap import Swapper
 
 # A saved file's name: letters, digits and a few marks; no folders, no "..".
 SAFE_NAME = re.compile(r"^[\w][\w .,()+=\-\[\]]*$")
+# A partial re-merge (only_changed) needs everything but the per-key ratios to be the same.
+SAME_FOR_PARTIAL = ("model_a", "model_b", "model_c", "mode", "calcmode", "gamma", "seed", "dtype", "prune",
+                    "reset_clip", "bake_vae")
 
 
 class MergeBusy(MergeError):
@@ -45,17 +50,20 @@ class MergeOutcome:
     """What a merge did, for the UI's message and the API's answer."""
 
     name: str
-    recipe: Optional[Recipe]  # as run: dice drawn, seeds fixed; None for apply_stream
-    history_id: Optional[int]
+    recipe: Recipe | None  # as run: dice drawn, seeds fixed; None for apply_stream
+    history_id: int | None
     merged_keys: int
     swapped: bool  # written into the loaded model (False: no model loaded; use Save)
     seconds: float
     architecture: str
     info: Mapping[str, Any] = field(default_factory=dict)  # what a non-recipe change (apply_stream) was
+    rewritten: int | None = None  # a partial re-merge (only_changed): the keys it merged and swapped
 
     @property
     def summary(self) -> str:
         where = "swapped into the loaded model" if self.swapped else "planned (no model loaded: Save writes it)"
+        if self.rewritten is not None:
+            where = f"{self.rewritten} changed keys re-merged and swapped"
         number = f" (ID {self.history_id})" if self.history_id is not None else ""
         return f"{self.name}{number}: {self.merged_keys} keys merged, {where}, {self.seconds:.1f} s"
 
@@ -63,27 +71,38 @@ class MergeOutcome:
 class MergeSession:
     """Merges recipes into a host's loaded model and keeps their history."""
 
-    def __init__(self, host: Host, *, history: Optional[History] = None):
+    def __init__(self, host: Host, *, history: History | None = None):
         self.host = host
         self.history = history or History(host.data_dir)
-        self.current: Optional[MergeOutcome] = None
-        self._swapper: Optional[Swapper] = None
+        self.current: MergeOutcome | None = None
+        self._swapper: Swapper | None = None
         self._busy = threading.Lock()
         self._cancel = threading.Event()
 
-    def merge(self, recipe: Recipe, *, on_progress: Optional[ProgressCallback] = None) -> MergeOutcome:
-        """Merge ``recipe`` and swap it into the loaded model (restored exactly if anything fails)."""
+    def merge(self, recipe: Recipe, *, on_progress: ProgressCallback | None = None,
+              only_changed: bool = False) -> MergeOutcome:
+        """Merge ``recipe`` and swap it into the loaded model (restored exactly if anything fails).
+
+        ``only_changed``: when the loaded model holds the current merge and ``recipe`` differs
+        from it only in ratios (block weights, alpha/beta, elemental, include/exclude, adjust),
+        merge and swap only the keys whose planned step changed; the result is the same as a
+        full merge. Otherwise (other models, mode, a cosine statistics pass…) it merges in full.
+        """
         with self._running():
             started = time.perf_counter()
             with open_sources(recipe, self.host.resolve) as sources:
                 plan = plan_merge(recipe, sources)
-                swapped = self._swap(plan, sources, on_progress)
-            outcome = self._record(plan, swapped, time.perf_counter() - started)
+                previous = self._previous_plan(plan, sources) if only_changed else None
+                steps = changed_steps(previous, plan) if previous is not None else None
+                partial = replace(plan, steps=steps) if steps is not None else plan
+                swapped = self._swap(partial, sources, on_progress, keep_unwritten=steps is not None)
+            rewritten = len(steps) if steps is not None else None
+            outcome = self._record(plan, swapped, time.perf_counter() - started, rewritten)
             self.current = outcome
             return outcome
 
     def apply_stream(self, name: str, stream: Callable[[CancelToken], Iterable[tuple[str, torch.Tensor]]], *,
-                     info: Optional[Mapping[str, Any]] = None) -> int:
+                     info: Mapping[str, Any] | None = None) -> int:
         """Swap a stream of tensors made by another feature (e.g. a LoRA applied to the loaded
         checkpoint) into the loaded model, restored exactly if it fails; returns tensors changed.
 
@@ -107,7 +126,7 @@ class MergeSession:
             return report.changed
 
     def merge_and_generate(self, recipe: Recipe, params: GenerationParams, *,
-                           on_progress: Optional[ProgressCallback] = None) -> tuple[MergeOutcome, Generated]:
+                           on_progress: ProgressCallback | None = None) -> tuple[MergeOutcome, Generated]:
         """Merge, then generate with the merged model."""
         outcome = self.merge(recipe, on_progress=on_progress)
         return outcome, self.generate(params)
@@ -125,8 +144,8 @@ class MergeSession:
                 extra["SuperMerger ID"] = self.current.history_id
         return self.host.generate(params, extra_info=extra)
 
-    def save(self, filename: str, *, dtype: Optional[str] = None, prune: bool = False, overwrite: bool = False,
-             bake_vae: Optional[str] = None, on_progress: Optional[ProgressCallback] = None) -> Path:
+    def save(self, filename: str, *, dtype: str | None = None, prune: bool = False, overwrite: bool = False,
+             bake_vae: str | None = None, on_progress: ProgressCallback | None = None) -> Path:
         """Write the current merge to ``models_dir/filename`` by streaming its recipe again (exact, any dtype)."""
         if self.current is None:
             raise MergeError("nothing to save: merge first")
@@ -170,7 +189,7 @@ class MergeSession:
             raise OutputError(f"{filename!r} is not a plain file name (letters, digits, spaces, _ - . , ( ) + = [ ])")
         return self.host.models_dir / name
 
-    def _swap(self, plan: MergePlan, sources, on_progress) -> bool:
+    def _swap(self, plan: MergePlan, sources, on_progress, *, keep_unwritten: bool = False) -> bool:
         live = self.host.live_model()
         if live is None:
             return False
@@ -179,15 +198,31 @@ class MergeSession:
         stream = run_plan(plan, sources, on_progress=on_progress, cancel=self._cancel,
                           output_device="cpu")
         with self.host.lock():
-            self._swapper.apply(stream, cancel=self._cancel)
+            self._swapper.apply(stream, cancel=self._cancel, keep_unwritten=keep_unwritten)
         return True
 
-    def _record(self, plan: MergePlan, swapped: bool, seconds: float) -> MergeOutcome:
+    def _previous_plan(self, plan: MergePlan, sources: Sources) -> MergePlan | None:
+        """The current merge's plan when ``plan`` can be swapped in as a partial update of it, else None."""
+        current, swapper = self.current, self._swapper
+        if current is None or not current.swapped or current.recipe is None or swapper is None:
+            return None
+        if not swapper.merged or swapper.live is not self.host.live_model():
+            return None  # a failed merge or a restore put the original back; another model was loaded
+        if plan.method.prepass is not None or not same_but_ratios(current.recipe, plan.recipe):
+            return None  # a statistics pass (cosineA/B) depends on every key: merge in full
+        previous = plan_merge(current.recipe, sources)
+        if [step.key for step in previous.steps] != [step.key for step in plan.steps]:
+            return None
+        return previous
+
+    def _record(self, plan: MergePlan, swapped: bool, seconds: float,
+                rewritten: int | None = None) -> MergeOutcome:
         names = {role: Path(getattr(plan.recipe, role)).stem for role in ("model_a", "model_b", "model_c")
                  if getattr(plan.recipe, role)}
         name = merge_name(plan.recipe, names)
         entry = self.history.add(plan.recipe, name=name, models={r: {"name": n} for r, n in names.items()})
-        return MergeOutcome(name, plan.recipe, entry.id, plan.count("merge"), swapped, seconds, plan.arch.label)
+        return MergeOutcome(name, plan.recipe, entry.id, plan.count("merge"), swapped, seconds, plan.arch.label,
+                            rewritten=rewritten)
 
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
@@ -198,3 +233,31 @@ class MergeSession:
             yield
         finally:
             self._busy.release()
+
+
+def same_but_ratios(old: Recipe, new: Recipe) -> bool:
+    """Whether two recipes differ at most in per-key ratios, so one can be swapped in over the other.
+
+    Example:
+        >>> same_but_ratios(Recipe(model_a="a", model_b="b"), Recipe(model_a="a", model_b="b", alpha=0.9))
+        True
+    """
+    return all(getattr(old, name) == getattr(new, name) for name in SAME_FOR_PARTIAL)
+
+
+def changed_steps(old: MergePlan, new: MergePlan) -> tuple[KeyStep, ...]:
+    """The steps of ``new`` whose output differs from ``old``'s for the same key (plans of one key list).
+
+    Example:
+        >>> len(changed_steps(plan_merge(recipe, s), plan_merge(recipe.with_changes(alpha=0.9), s)))
+        1130
+    """
+    adjust_changed = old.recipe.adjust != new.recipe.adjust
+    return tuple(step for before, step in zip(old.steps, new.steps, strict=True)
+                 if _step_outcome(before) != _step_outcome(step)
+                 or (adjust_changed and (before.adjust is not None or step.adjust is not None)))
+
+
+def _step_outcome(step: KeyStep) -> tuple:
+    """What decides a step's tensor, besides the recipe fields in SAME_FOR_PARTIAL and Adjust."""
+    return step.spec, step.action, step.alpha, step.beta, step.channels

@@ -103,8 +103,12 @@ class Swapper:
         return sum(tensor.nbytes for tensor in self._backups.values())
 
     def apply(self, stream: Iterable[tuple[str, torch.Tensor]], *,
-              cancel: CancelToken | None = None) -> SwapReport:
+              cancel: CancelToken | None = None, keep_unwritten: bool = False) -> SwapReport:
         """Copy every streamed tensor into the live model; on any failure put the original back.
+
+        Keys an earlier merge changed and this stream does not write are put back to the
+        source, unless ``keep_unwritten``: then the stream is a partial update of the
+        earlier merge (only the keys whose ratio changed) and the others stay as they are.
 
         Example:
             >>> report = Swapper(live).apply(merge_stream(recipe))
@@ -119,7 +123,8 @@ class Swapper:
                 written, missing = self._write_all(iterator, tensors, calls, cancel)
             finally:
                 _close(iterator)  # a stopped merge stream closes its files and reader thread now
-            reverted = self._revert_stale(self._changed - written, tensors, calls)
+            stale = set() if keep_unwritten else self._changed - written
+            reverted = self._revert_stale(stale, tensors, calls)
             _synchronize(tensors.values())
         except BaseException as error:
             self._recover(calls, error)

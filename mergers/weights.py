@@ -7,8 +7,10 @@ A weight string says how much of model B goes into each block of the merge.
    SuperMerger takes it. Layout ``sd1`` needs 26 values (BASE, IN00…IN11, M00,
    OUT00…OUT11). Layout ``sdxl`` needs 20 (BASE, IN00…IN08, M00, OUT00…OUT08),
    or 26, which are converted as the original does: BASE, IN00…IN08, M00 and
-   OUT00…OUT08 are kept; IN09…IN11 and OUT09…OUT11 are dropped. Spaces and
-   newlines around values are fine::
+   OUT00…OUT08 are kept; IN09…IN11 and OUT09…OUT11 are dropped. Layout ``flux``
+   needs 61 (CLIP, T5, IN, D00…D18, S00…S37, OUT, as the original's Forge
+   support names them); ``sd3`` 28 and ``sd3_large`` 42 (CLIP, T5, IN, J00…,
+   OUT). Spaces and newlines around values are fine::
 
        0,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1
 
@@ -27,7 +29,9 @@ A weight string says how much of model B goes into each block of the merge.
    - a block id: ``BASE``, ``IN03``, ``M00`` (also ``MID``), ``OUT11``;
    - a range of ids in layout order, which may cross groups: ``IN00-IN05``,
      ``IN06-OUT03``;
-   - a group: ``IN`` (every input block), ``OUT`` (every output block);
+   - a group: ``IN`` (every input block), ``OUT`` (every output block); for Flux
+     ``D`` (every double block) and ``S`` (every single block), for SD3 ``J``
+     (every joint block);
    - ``ALL`` or ``*``: every block, BASE included.
 
    ::
@@ -59,11 +63,17 @@ from mergers.arch.layouts import block_ids
 from mergers.errors import WeightsError
 
 # Data: what the messages call each layout, and the id list they show.
-LAYOUT_LABELS = {"sd1": "SD1/SD2", "sdxl": "SDXL"}
+LAYOUT_LABELS = {"sd1": "SD1/SD2", "sdxl": "SDXL", "flux": "Flux", "sd3": "SD3", "sd3_large": "SD3.5 Large"}
 LAYOUT_SHAPES = {
     "sd1": "BASE, IN00…IN11, M00, OUT00…OUT11",
     "sdxl": "BASE, IN00…IN08, M00, OUT00…OUT08",
+    "flux": "CLIP, T5, IN, D00…D18, S00…S37, OUT",
+    "sd3": "CLIP, T5, IN, J00…J23, OUT",
+    "sd3_large": "CLIP, T5, IN, J00…J37, OUT",
 }
+# Readable-form group selectors: the ids starting with the word (Flux's "IN" and "OUT" are one block each).
+LAYOUT_GROUPS = {"sd1": ("IN", "OUT"), "sdxl": ("IN", "OUT"), "flux": ("IN", "OUT", "D", "S"),
+                 "sd3": ("IN", "OUT", "J"), "sd3_large": ("IN", "OUT", "J")}
 RANDOM_TOKENS = frozenset({"R", "U", "X"})
 # The original adds these random presets to its dropdown; they need the dice.
 RANDOM_PRESETS = frozenset({"ALL_R", "ALL_U", "ALL_X"})
@@ -71,7 +81,7 @@ ID_ALIASES = {"MID": "M00"}
 PRESET_HEADER = "preset_name"
 SHIPPED_PRESETS = "data/mbw_presets.tsv"
 USER_PRESETS_ENV = "SUPERMERGER_PRESETS"
-_ID_PATTERN = re.compile(r"(IN|OUT|M)(\d{1,2})")
+_ID_PATTERN = re.compile(r"(IN|OUT|M|D|S|J)(\d{1,2})")
 
 
 @dataclass(frozen=True)
@@ -128,8 +138,8 @@ class BlockWeights:
         if len(set(self.values)) == 1:
             return f"ALL:{format_number(self.values[0])}"
         ids = block_ids(self.layout)
-        # BASE (text encoder, VAE) stays its own entry: it is not a U-Net block.
-        entries = [f"BASE:{format_number(self.values[0])}"]
+        # The first id (BASE: text encoder and VAE; Flux/SD3: CLIP) stays its own entry: it is no U-Net block.
+        entries = [f"{ids[0]}:{format_number(self.values[0])}"]
         for start, end in equal_runs(self.values[1:]):
             span = _span_text(ids[start + 1], ids[end + 1])
             entries.append(f"{span}:{format_number(self.values[start + 1])}")
@@ -348,7 +358,7 @@ def _select(selector: str, layout: str) -> range | list[int]:
     word = selector.upper()
     if word in ("ALL", "*"):
         return range(len(ids))
-    if word in ("IN", "OUT"):
+    if word in LAYOUT_GROUPS[layout]:
         return [i for i, block in enumerate(ids) if block.startswith(word)]
     if "-" in word:
         return _range_indices(selector, layout)

@@ -2,8 +2,9 @@
 
 A1111 imports this file by path with the extension's folder first on ``sys.path``
 while it loads, so ``mergers`` is ours. A1111's modules go into an ``A1111Host``,
-the host into one ``MergeSession``, the session into the tab. The HTTP API routes
-(``on_app_started``) are not registered yet.
+the host into one ``MergeSession``, the session into the tab and, when the web UI
+serves its own API (``--api`` or ``--nowebui``), into the HTTP API's routes
+(``/supermerger/v1/...``, ``on_app_started``), guarded by ``--api-auth`` as A1111's are.
 """
 
 import logging
@@ -42,3 +43,15 @@ except ModuleNotFoundError as error:
     log.warning("SuperMerger: mergers.ui is not installed, so there is no tab")
 else:
     script_callbacks.on_ui_tabs(on_ui_tabs)
+
+
+def on_app_started(demo, app):
+    """The HTTP API beside A1111's own, behind the same ``--api-auth`` credentials."""
+    from mergers.api import basic_auth, make_router
+
+    app.include_router(make_router(session, dependencies=basic_auth(shared.cmd_opts.api_auth)))
+
+
+# As A1111's own API: served only when the user asks for an API (--nowebui serves nothing else).
+if getattr(shared.cmd_opts, "api", False) or getattr(shared.cmd_opts, "nowebui", False):
+    script_callbacks.on_app_started(on_app_started)

@@ -332,12 +332,12 @@ def _fail_reading(filename: str, *, after: int, monkeypatch) -> None:
     read = SafetensorsCheckpoint._read
     count = {"n": 0}
 
-    def failing(self, key):
+    def failing(self, key, *args, **kwargs):
         if self.path.name == filename:
             count["n"] += 1
             if count["n"] > after:
                 raise CheckpointError(f"{self.path}: read failed at {key}")
-        return read(self, key)
+        return read(self, key, *args, **kwargs)
 
     monkeypatch.setattr(SafetensorsCheckpoint, "_read", failing)
 
@@ -469,3 +469,22 @@ def test_a_text_encoder_only_merge_changes_the_image(webui, tmp_path):
     outcome = session.merge(recipe)
     assert 0 < outcome.merged_keys < 300  # the text encoder only
     assert not _same_images(session.generate(PARAMS), before)
+
+
+def test_a_vae_chosen_in_settings_is_left_alone_by_merge_and_restore(webui, tmp_path):
+    """Settings → SD VAE loads a file over the checkpoint's VAE (A1111 sets ``loaded_vae_file``): a merge
+    must not overwrite it, and a restore must not read the checkpoint's VAE back over it (seen in A1111 1.10.1)."""
+    webui.model.loaded_vae_file = str(tmp_path / "ext.safetensors")
+    vae = {k: t.clone() for k, t in live_tensors(webui.model).items() if k.startswith("first_stage_model.")}
+    for tensor in vae.values():  # "the external VAE": different from both checkpoints
+        tensor.add_(0.5)
+    for key, tensor in live_tensors(webui.model).items():
+        if key in vae:
+            tensor.data.copy_(vae[key])
+    session = MergeSession(_host(webui, tmp_path))
+    session.merge(Recipe(model_a="a.safetensors", model_b="b.safetensors", alpha=0.5))
+    after = live_tensors(webui.model)
+    assert vae and all(torch.equal(after[k], vae[k]) for k in vae)
+    session.restore()
+    after = live_tensors(webui.model)
+    assert all(torch.equal(after[k], vae[k]) for k in vae)

@@ -84,7 +84,7 @@ def test_key_specs_fields_and_cache():
 
 
 @pytest.mark.skipif(SHARED_ARCH is None, reason="shared/arch JSON key lists not in this checkout")
-@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", "sd3", "flux"])
 def test_key_specs_match_the_json_they_came_from(family):
     entries = json.loads((SHARED_ARCH / f"{family}.json").read_text())["keys"]
     expected = [KeySpec(e["key"], tuple(e["shape"]), e["dtype"], e["component"], e.get("optional", False),
@@ -92,7 +92,7 @@ def test_key_specs_match_the_json_they_came_from(family):
     assert list(key_specs(family)) == expected
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "sdxl_refiner", "SD1"])
+@pytest.mark.parametrize("family", ["sd35_large", "sdxl_refiner", "SD1"])
 def test_key_specs_of_other_families_raise(family):
     with pytest.raises(ArchitectureError, match=family):
         key_specs(family)
@@ -200,11 +200,10 @@ FLUX_SHAPES = {
 
 
 @pytest.mark.parametrize("shapes,family,label", [(SD3_SHAPES, "sd3", "SD3"), (FLUX_SHAPES, "flux", "Flux")])
-def test_sd3_and_flux_are_recognised_but_unsupported(shapes, family, label):
+def test_sd3_and_flux_are_recognised_and_supported(shapes, family, label):
     arch = detect_architecture(shapes, source="big.safetensors")
-    assert (arch.family, arch.layout, arch.label, arch.supported) == (family, family, label, False)
-    with pytest.raises(ArchitectureError, match=rf"big\.safetensors: {label} is recognised but not supported"):
-        require_supported(arch, source="big.safetensors")
+    assert (arch.family, arch.layout, arch.label, arch.supported) == (family, family, label, True)
+    require_supported(arch, source="big.safetensors")
 
 
 @pytest.mark.skipif(SHARED_ARCH is None, reason="shared/arch JSON key lists not in this checkout")
@@ -217,7 +216,7 @@ def test_real_sd3_and_flux_key_lists(family):
         assert detect_architecture(bare).family == family
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", "sdxl_refiner"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", "sdxl_refiner", "sd3", "sd35_large", "flux"])
 def test_supported_families_pass(family):
     require_supported(Architecture(family), source="ok.safetensors")
     assert Architecture(family).layout in LAYOUTS
@@ -257,7 +256,8 @@ def test_labels(arch, label):
 
 
 @pytest.mark.parametrize("family,layout", [("sd1", "sd1"), ("sd2", "sd1"), ("sdxl", "sdxl"),
-                                           ("sdxl_refiner", "sd1"), ("sd3", "sd3"), ("flux", "flux")])
+                                           ("sdxl_refiner", "sd1"), ("sd3", "sd3"), ("sd35_large", "sd3_large"),
+                                           ("flux", "flux")])
 def test_layouts(family, layout):
     assert Architecture(family).layout == layout
 

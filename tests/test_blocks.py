@@ -245,7 +245,7 @@ def test_sd1_block_numbers_past_11_are_not_merged():
     assert block_of("model.diffusion_model.output_blocks.12.0.op.weight", "sd1") is None
 
 
-@pytest.mark.parametrize("layout", ["flux", "sd3", "nope"])
+@pytest.mark.parametrize("layout", ["sd4", "nope"])
 def test_layouts_without_block_rules_raise(layout):
     with pytest.raises(ArchitectureError, match=layout):
         block_of("model.diffusion_model.double_blocks.0.img_attn.qkv.weight", layout)

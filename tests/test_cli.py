@@ -107,7 +107,7 @@ def test_recipe_reruns_from_a_folder_even_after_renames(models, tmp_path, capsys
 
 def test_recipe_without_stored_recipe_or_inputs(models, tmp_path):
     done = run_cli("recipe", models[0], "-o", tmp_path / "x.safetensors")
-    assert done.returncode == 2 and "no supermerger recipe" in done.stderr
+    assert done.returncode == 2 and "no merge recipe that supermerger can re-run" in done.stderr
 
 
 def test_demo_makes_models_and_really_merges(tmp_path):

@@ -425,7 +425,7 @@ BAD_ROLLS = [
     ({"upper": "0.5R0.3"}, "sd1", "upper value 1"),
     ({"mode": "custom", "custom": "R,R"}, "sd1", "weights_alpha needs"),
     ({"mode": "custom", "custom": "Q" + ",R" * 25}, "sd1", "custom value 1 \\('Q'\\)"),
-    ({}, "sd3", "unknown layout 'sd3'"),
+    ({}, "sd4", "unknown layout 'sd4'"),
 ]
 
 
@@ -450,3 +450,9 @@ def test_every_mode_is_listed_and_rolls():
 
 def test_docstring_examples():
     assert doctest.testmod(mergers.dice).failed == 0
+
+
+def test_dice_on_flux_say_they_roll_sd_layouts_only():
+    with pytest.raises(WeightsError, match="SD1/SD2 and SDXL block weights only"):
+        roll(Dice(mode="R", seed=1), "flux")
+    assert roll(Dice(mode="off"), "flux").weights_alpha is None  # off: nothing to roll, nothing refused

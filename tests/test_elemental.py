@@ -247,7 +247,7 @@ def test_random_without_draw_is_an_error():
         ("IN00-IN01-IN02:attn:1", "sd1", False, "range 'IN00-IN01-IN02'"),
         ("IN00-:attn:1", "sd1", False, "unknown block ''"),
         ("NOT OUT05 NOT:attn:1", "sd1", False, "unknown block 'NOT'"),
-        ("OUT05::1", "sd3", False, "unknown layout"),
+        ("OUT05::1", "sd4", False, "unknown layout"),
     ],
 )
 def test_errors_name_the_entry(text, layout, extended, message):

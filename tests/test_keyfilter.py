@@ -179,7 +179,7 @@ def test_parse_blocks():
         (["IN411"], "sd1", "unknown include/exclude block 'IN411'"),
         ("IN04 vae", "sd1", "block 'vae'"),
         (["OUT12"], "sd1", "OUT12"),
-        (["IN00"], "sd3", "unknown layout"),
+        (["IN00"], "sd4", "unknown layout"),
     ],
 )
 def test_errors(blocks, layout, message):

@@ -236,7 +236,7 @@ def test_empty_string(text):
 
 
 def test_unknown_layout():
-    assert "'sd3'" in error_of("ALL:1", "sd3")
+    assert "'sd4'" in error_of("ALL:1", "sd4")
 
 
 # --- readable form ---------------------------------------------------------

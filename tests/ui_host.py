@@ -65,6 +65,7 @@ class UiHost:
     def __init__(self, models_dir: Path, data_dir: Path, *, live_from: Optional[str] = "a.safetensors"):
         self.models_dir = models_dir
         self.data_dir = data_dir
+        self.grids_dir = data_dir / "xyz"
         self.generated: list[GenerationParams] = []
         self.extra_infos: list[Mapping[str, Any]] = []
         self._lock = threading.Lock()

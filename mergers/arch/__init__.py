@@ -1,13 +1,15 @@
-"""Model architectures: key lists of real checkpoints, detection, and key -> block assignment."""
+"""Model architectures (SD1.x, SD2.x, SDXL, SD3, Flux): real key lists, detection, key -> block assignment."""
 
-from mergers.arch.blocks import SDXL_FINE_BLOCKS, block_of, fine_block_of_sdxl
+from mergers.arch.blocks import SDXL_FINE_BLOCKS, block_of, fine_block_of_sdxl, merges_by_name
 from mergers.arch.detect import Architecture, detect_architecture, require_supported
 from mergers.arch.keys import KeySpec, key_specs
-from mergers.arch.layouts import LAYOUTS, SD1_BLOCKS, SDXL_BLOCKS, block_ids
+from mergers.arch.layouts import FLUX_BLOCKS, LAYOUTS, SD1_BLOCKS, SD3_BLOCKS, SDXL_BLOCKS, block_ids
 
 __all__ = [
+    "FLUX_BLOCKS",
     "LAYOUTS",
     "SD1_BLOCKS",
+    "SD3_BLOCKS",
     "SDXL_BLOCKS",
     "SDXL_FINE_BLOCKS",
     "Architecture",
@@ -17,5 +19,6 @@ __all__ = [
     "detect_architecture",
     "fine_block_of_sdxl",
     "key_specs",
+    "merges_by_name",
     "require_supported",
 ]

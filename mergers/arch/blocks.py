@@ -1,12 +1,14 @@
 """Which block's ratio a key gets: the original SuperMerger's ``blockfromkey`` as rule tables.
 
 Reproduces hako-mikan/sd-webui-supermerger ``scripts/mergers/mergers.py`` l.1459–1528 (commit 0b1c491)
-for every key of real SD1.x, SD2.x and SDXL checkpoints, so a shared weight string gives the same
+for every key of real SD1.x, SD2.x, SDXL and Flux checkpoints, so a shared weight string gives the same
 ratio to the same key. ``None`` stands for the original's "Not Merge": the key keeps model A's value.
+SD3 has no rule in the original; ours (``SD3_RULES``) follows the Flux one.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 
@@ -55,6 +57,33 @@ SDXL_FINE_BLOCKS: tuple[str, ...] = (
     + ("OUT50", "OUT51", "OUT510", "OUT511", "OUT52", "OUT60", "OUT70", "OUT80", "OUT9", "TIME", "LABEL", "VAE")
 )
 
+# Flux (the original's Forge rule, l.1492): substrings first, then the transformer blocks, then "_in"
+# (img_in, txt_in, time_in, vector_in, guidance_in) and final_layer. The VAE is never merged. Keys may be
+# bare ("double_blocks.0…", as BFL ships them) or under "model.diffusion_model.".
+FLUX_RULES: tuple[tuple[re.Pattern[str], str | None], ...] = tuple(
+    (re.compile(pattern), block) for pattern, block in (
+        (r"vae", None),
+        (r"t5xxl", "T5"),
+        (r"text_encoders\.clip", "CLIP"),
+        (r"double_blocks\.(\d+)\.", "D{n:02d}"),
+        (r"single_blocks\.(\d+)\.", "S{n:02d}"),
+        (r"_in", "IN"),
+        (r"final_layer", "OUT"),
+    )
+)
+# SD3 / SD3.5 (ComfyUI layout, or bare diffusion keys): text encoders, embedders, joint blocks, final layer.
+# The VAE, like Flux's, is not merged; model_sampling's sigmas are a buffer.
+SD3_RULES: tuple[tuple[re.Pattern[str], str | None], ...] = tuple(
+    (re.compile(pattern), block) for pattern, block in (
+        (r"first_stage_model\.|model_sampling\.", None),
+        (r"t5xxl", "T5"),
+        (r"text_encoders\.clip_[lg]\.", "CLIP"),
+        (r"joint_blocks\.(\d+)\.", "J{n:02d}"),
+        (r"(^|\.)(x_embedder|context_embedder|t_embedder|y_embedder|pos_embed)\b", "IN"),
+        (r"final_layer\.", "OUT"),
+    )
+)
+
 _UNET_PART = re.compile(r"input|mid|output")
 _TRANSFORMER_BLOCK = re.compile(r"transformer_blocks\.(\d+)\.")
 
@@ -62,7 +91,8 @@ _TRANSFORMER_BLOCK = re.compile(r"transformer_blocks\.(\d+)\.")
 def block_of(key: str, layout: str) -> str | None:
     """The block id of ``layout`` whose ratio ``key`` gets, or None when it is never merged by block.
 
-    ``layout`` is "sd1" (SD1.x, SD2.x, SDXL refiner) or "sdxl", as ``Architecture.layout`` gives.
+    ``layout`` is "sd1" (SD1.x, SD2.x, SDXL refiner), "sdxl", "flux", "sd3" or "sd3_large", as
+    ``Architecture.layout`` gives.
 
     Example:
         >>> block_of("model.diffusion_model.output_blocks.5.1.proj_in.weight", "sd1")
@@ -95,6 +125,16 @@ def _sd1_block(key: str) -> str | None:
             # Block numbers past 11 are in no real file; the original would misfile or crash on them.
             return block if block in LAYOUTS["sd1"] else None
     return "BASE"
+
+
+def _rule_table_block(rules: tuple[tuple[re.Pattern[str], str | None], ...], layout: str, key: str) -> str | None:
+    """The first matching rule's block; None for no match or a block number the layout lacks (D19, J24)."""
+    for pattern, template in rules:
+        match = pattern.search(key)
+        if match:
+            block = template.format(n=int(match.group(1))) if template and "{n" in template else template
+            return block if block in LAYOUTS[layout] else None
+    return None
 
 
 def _sdxl_block(key: str) -> str | None:
@@ -130,4 +170,31 @@ def _sdxl_unet_blocks(key: str) -> tuple[str, str] | None:
     return f"{part}{digits[:2]}{suffix}", f"{part}0{digits[0]}"
 
 
-_BLOCK_RULES: dict[str, Callable[[str], str | None]] = {"sd1": _sd1_block, "sdxl": _sdxl_block}
+_BLOCK_RULES: dict[str, Callable[[str], str | None]] = {
+    "sd1": _sd1_block,
+    "sdxl": _sdxl_block,
+    "flux": functools.partial(_rule_table_block, FLUX_RULES, "flux"),
+    "sd3": functools.partial(_rule_table_block, SD3_RULES, "sd3"),
+    "sd3_large": functools.partial(_rule_table_block, SD3_RULES, "sd3_large"),
+}
+
+# Layouts whose text encoders and bare diffusion keys hold no "model" (T5's "encoder.block…",
+# Flux's "double_blocks…"): the original merges every weight/bias key both models have (l.424).
+NAME_NEEDS_MODEL = {"sd1": True, "sdxl": True, "flux": False, "sd3": False, "sd3_large": False}
+
+
+def merges_by_name(key: str, layout: str) -> bool:
+    """The original's name test for a key to merge: "weight" or "bias", and "model" for SD1/SDXL.
+
+    Flux, SD3 and SD3.5 keys pass without "model", as the original's Flux branch lets them; which of
+    them actually merge is then up to ``block_of`` (the VAE, for one, is None there).
+
+    Example:
+        >>> merges_by_name("text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.k.weight", "flux")
+        True
+    """
+    if layout not in NAME_NEEDS_MODEL:
+        raise ArchitectureError(f"unknown layout {layout!r}; known: {', '.join(NAME_NEEDS_MODEL)}")
+    if "weight" not in key and "bias" not in key:
+        return False
+    return "model" in key or not NAME_NEEDS_MODEL[layout]

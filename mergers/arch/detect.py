@@ -2,6 +2,8 @@
 
 Key rules come first, so scaled-down test models with real key names are recognised; the U-Net's
 cross-attention width and structure are fallbacks for files that carry only ``model.diffusion_model.*``.
+Flux and SD3 are told by their transformer blocks, so files holding only the diffusion model (Flux's
+bare ``double_blocks.0…`` keys included) are recognised too; SD3.5 Large by its 38 joint blocks.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from mergers.errors import ArchitectureError
 logger = logging.getLogger(__name__)
 
 # family -> block layout ("sd1" covers SD2 and the refiner: the original gives all three 26 blocks).
-FAMILY_LAYOUTS = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl", "sdxl_refiner": "sd1", "sd3": "sd3", "flux": "flux"}
+FAMILY_LAYOUTS = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl", "sdxl_refiner": "sd1", "sd3": "sd3",
+                  "sd35_large": "sd3_large", "flux": "flux"}
 FAMILY_LABELS = {
-    "sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL base", "sdxl_refiner": "SDXL refiner", "sd3": "SD3", "flux": "Flux",
+    "sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL base", "sdxl_refiner": "SDXL refiner", "sd3": "SD3",
+    "sd35_large": "SD3.5 Large", "flux": "Flux",
 }
-SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
+SUPPORTED_FAMILIES = tuple(FAMILY_LAYOUTS)
 VARIANTS = ("normal", "inpainting", "instruct-pix2pix")
 PREDICTIONS = ("eps", "v", "unknown")
 
@@ -44,6 +48,8 @@ UNET_PREFIX = "model.diffusion_model."
 # Cross-attention context width (attn2.to_k.weight shape[1]) of the real models.
 CONTEXT_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl_refiner"}
 SDXL_BASE_LAST_INPUT_BLOCK = 8  # channel_mult (1, 2, 4): 9 input blocks; the refiner's 4 levels give 12
+SD3_MEDIUM_JOINT_BLOCKS = 24  # SD3 Medium and SD3.5 Medium; SD3.5 Large has 38
+JOINT_BLOCK = re.compile(r"joint_blocks\.(\d+)\.")
 INPUT_BLOCK = re.compile(r"\.input_blocks\.(\d+)\.")
 
 INPUT_CONV_KEY = "model.diffusion_model.input_blocks.0.0.weight"
@@ -52,8 +58,9 @@ VARIANT_CHANNELS = {9: "inpainting", 8: "instruct-pix2pix"}  # 4 latent (+4 mask
 PREDICTION_METADATA_KEY = "modelspec.prediction_type"
 V_PRED_KEY = "v_pred"  # marker tensor A1111 and Forge read as "load with the v-prediction config"
 # SD2 eps and v models have the same weights (A1111 runs the model to tell them apart).
+# SD3 and Flux are flow-matching models: neither eps nor v.
 DEFAULT_PREDICTION = {"sd1": "eps", "sd2": "unknown", "sdxl": "eps", "sdxl_refiner": "eps", "sd3": "unknown",
-                      "flux": "unknown"}
+                      "sd35_large": "unknown", "flux": "unknown"}
 
 SAMPLE_KEYS_IN_ERRORS = 3
 
@@ -75,12 +82,12 @@ class Architecture:
 
     @property
     def layout(self) -> str:
-        """The block layout name: "sdxl" for SDXL base; "sd1" for SD1, SD2 and the refiner."""
+        """The block layout name: "sdxl" for SDXL base; "sd1" for SD1, SD2 and the refiner; "flux", "sd3", "sd3_large"."""
         return FAMILY_LAYOUTS[self.family]
 
     @property
     def supported(self) -> bool:
-        """Whether models of this family can be merged (SD3 and Flux cannot yet)."""
+        """Whether models of this family can be merged (every family detection knows, SD3 and Flux included)."""
         return self.family in SUPPORTED_FAMILIES
 
     @property
@@ -112,10 +119,11 @@ def detect_architecture(shapes: Mapping[str, Sequence[int]], metadata: Mapping[s
 def require_supported(arch: Architecture, *, source: str = "") -> None:
     """Raise ArchitectureError naming ``source`` unless models of ``arch`` can be merged.
 
+    Every family detection recognises is supported today; this stays the one gate for a family that
+    detection learns before merging does.
+
     Example:
-        >>> require_supported(Architecture("sd3", prediction="unknown"), source="sd3_medium.safetensors")
-        Traceback (most recent call last):
-        mergers.errors.ArchitectureError: sd3_medium.safetensors: SD3 is recognised but not supported yet (...)
+        >>> require_supported(Architecture("flux", prediction="unknown"), source="flux1-dev.safetensors")
     """
     if not arch.supported:
         supported = ", ".join(FAMILY_LABELS[family] for family in SUPPORTED_FAMILIES)
@@ -127,8 +135,14 @@ def require_supported(arch: Architecture, *, source: str = "") -> None:
 def _family_from_keys(shapes: Mapping[str, Sequence[int]]) -> str | None:
     for family, pattern in KEY_RULES:
         if any(pattern.search(key) for key in shapes):
-            return family
+            return _sd3_size(shapes) if family == "sd3" else family
     return None
+
+
+def _sd3_size(shapes: Mapping[str, Sequence[int]]) -> str:
+    """"sd35_large" past the 24 joint blocks of SD3 Medium / SD3.5 Medium, else "sd3"."""
+    blocks = [int(match.group(1)) for key in shapes if (match := JOINT_BLOCK.search(key))]
+    return "sd35_large" if max(blocks) >= SD3_MEDIUM_JOINT_BLOCKS else "sd3"
 
 
 def _family_from_unet(shapes: Mapping[str, Sequence[int]]) -> str | None:

@@ -1,8 +1,9 @@
-"""Every key of a real SD1.x, SD2.x and SDXL checkpoint, with its shape, dtype and component.
+"""Every key of a real SD1.x, SD2.x, SDXL, SD3 and Flux checkpoint, with its shape, dtype and component.
 
 The lists live in ``mergers/arch/data/<family>.tsv``, one key a line, in the order of
-``shared/arch/<family>.json`` (from sd-mecha's ``sd1-ldm``/``sdxl-sgm`` configs and the Stability AI
-SD2 config). Columns: key, shape (``320,4,3,3``; empty for a scalar), dtype, component, optional (0/1),
+``shared/arch/<family>.json`` (from sd-mecha's ``sd1-ldm``/``sdxl-sgm``/``sd3-comfyui``/``flux-flux``
+configs and the Stability AI SD2 config). Flux's diffusion keys carry their bare spelling
+(``double_blocks.0…``, as Black Forest Labs ship the transformer alone) as an alias. Columns: key, shape (``320,4,3,3``; empty for a scalar), dtype, component, optional (0/1),
 aliases (older spellings of the key, comma-separated).
 """
 
@@ -14,7 +15,7 @@ from importlib import resources
 
 from mergers.errors import ArchitectureError
 
-FAMILIES_WITH_KEYS = ("sd1", "sd2", "sdxl")
+FAMILIES_WITH_KEYS = ("sd1", "sd2", "sdxl", "sd3", "flux")
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class KeySpec:
 
 @functools.cache
 def key_specs(family: str) -> tuple[KeySpec, ...]:
-    """Every key of a real ``family`` checkpoint ("sd1", "sd2" or "sdxl"), in file order.
+    """Every key of a real ``family`` checkpoint ("sd1", "sd2", "sdxl", "sd3" or "flux"), in file order.
 
     Optional keys (EMA copies, ``position_ids``, scheduler buffers) are flagged, not left out.
 

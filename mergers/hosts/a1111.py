@@ -41,6 +41,7 @@ import torch
 
 from mergers.errors import CheckpointError, MergeError
 from mergers.host import Generated, GenerationParams, ModelEntry
+from mergers.models import list_virtual_checkpoints
 from mergers.swap import live_tensors
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ FORGE_REFUSAL = "Forge's model object is not supported yet for in-place merges; 
 OUT_OF_DATE = ("the web UI has loaded a checkpoint since this merge, so the merge is no longer in the loaded "
                "model and there is nothing of it to change or restore")
 
+# The first stage (VAE): left alone while the user's own VAE file is loaded over the checkpoint's.
+VAE_PREFIX = "first_stage_model."
 # A1111 shows 10 hex digits of the sha256; recipes store all 64.
 HASH_PATTERN = re.compile(r"[0-9a-fA-F]{10}|[0-9a-fA-F]{64}")
 CHECKSUM_SUFFIX = re.compile(r"\s*\[[^]]+]\s*$")  # "name [abcdef0123]", as A1111's re_strip_checksum
@@ -94,17 +97,42 @@ class A1111Host:
         ckpt_dir = getattr(self.modules.shared.cmd_opts, "ckpt_dir", None)
         return Path(ckpt_dir) if ckpt_dir else Path(self.modules.paths.models_path) / "Stable-diffusion"
 
+    @property
+    def grids_dir(self) -> Path:
+        """Where A1111 saves grids (Settings → Paths): the grids folder, else txt2img's grids folder."""
+        opts = self.modules.shared.opts
+        folder = Path(getattr(opts, "outdir_grids", "") or getattr(opts, "outdir_txt2img_grids", "")
+                      or "outputs/txt2img-grids")
+        return folder if folder.is_absolute() else Path(self.modules.paths.data_path) / folder
+
+    @property
+    def lora_dir(self) -> Path:
+        """The Lora extension's folder: ``--lora-dir``, else ``models/Lora``."""
+        lora_dir = getattr(self.modules.shared.cmd_opts, "lora_dir", None)
+        return Path(lora_dir) if lora_dir else Path(self.modules.paths.models_path) / "Lora"
+
     def list_models(self) -> list[ModelEntry]:
         """A1111's checkpoint list, rescanned (as its refresh button does) so saved merges appear."""
         self.modules.sd_models.list_models()
         infos = list(self.modules.sd_models.checkpoints_list.values())
-        return [ModelEntry(info.title, Path(info.filename), info.shorthash) for info in infos]
+        real = [ModelEntry(info.title, Path(info.filename), info.shorthash) for info in infos]
+        return real + self._virtual_entries()
+
+    def _virtual_entries(self) -> list[ModelEntry]:
+        """Saved recipes in the checkpoints folder: picked like checkpoints, merged when used."""
+        folder = self.models_dir
+        if not folder.is_dir():
+            return []
+        return [ModelEntry(path.relative_to(folder).as_posix(), path, None) for path in list_virtual_checkpoints(folder)]
 
     def resolve(self, name: str) -> Path:
         """A checkpoint by title, file name, name without extension, short hash or sha256 → its file."""
         info = find_checkpoint(self.modules.sd_models, name.strip())
         if info is not None:
             return Path(info.filename)
+        virtual = next((e.path for e in self._virtual_entries() if name.strip() in (e.title, e.path.name)), None)
+        if virtual is not None:
+            return virtual
         path = Path(name).expanduser()
         if path.is_file():
             return path
@@ -193,8 +221,14 @@ class A1111LiveModel:
         return model is self.model and _source_of(model) == self.source
 
     def tensors(self) -> Mapping[str, torch.Tensor]:
+        """Checkpoint key → live tensor; without the first stage while the user's own VAE file is loaded
+        over the checkpoint's (Settings → SD VAE): A1111 keeps that VAE across loads, so a merge leaves it
+        alone, and a restore must not read the checkpoint's VAE back over it."""
         self._check_current()
-        return live_tensors(self.model)
+        tensors = live_tensors(self.model)
+        if external_vae(self.model) is None:
+            return tensors
+        return {key: tensor for key, tensor in tensors.items() if not key.startswith(VAE_PREFIX)}
 
     def before_change(self) -> None:
         """Put back the weights the Lora extension saved and forget its state, for every layer."""
@@ -226,6 +260,11 @@ class A1111LiveModel:
                 self.model.cond_stage_model_empty_prompt = get_empty_cond(self.model)
         except Exception:
             log.warning("could not recompute the empty prompt's conditioning; it is the old model's", exc_info=True)
+
+
+def external_vae(model: Any) -> Optional[str]:
+    """The VAE file A1111 loaded over the checkpoint's own (``sd_vae.load_vae`` sets it), or None."""
+    return getattr(model, "loaded_vae_file", None) or None
 
 
 def _source_of(model: Any) -> Optional[Path]:

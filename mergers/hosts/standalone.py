@@ -13,7 +13,7 @@ from typing import Any, ContextManager, Optional
 from mergers.errors import CheckpointError, MergeError
 from mergers.hashing import cached_sha256
 from mergers.host import Generated, GenerationParams, LiveModel, ModelEntry, no_lock
-from mergers.models import list_checkpoints
+from mergers.models import list_checkpoints, list_virtual_checkpoints
 
 
 class FolderHost:
@@ -28,9 +28,12 @@ class FolderHost:
     def __init__(self, models_dir: Path, *, data_dir: Optional[Path] = None):
         self.models_dir = Path(models_dir)
         self.data_dir = Path(data_dir) if data_dir else self.models_dir / ".supermerger"
+        self.grids_dir = self.data_dir / "xyz"  # XYZ plots' grid images
 
     def list_models(self) -> list[ModelEntry]:
-        return [self._entry(path) for path in list_checkpoints(self.models_dir)]
+        """The checkpoints, then the saved recipes (virtual checkpoints, merged when used)."""
+        files = [*list_checkpoints(self.models_dir), *list_virtual_checkpoints(self.models_dir)]
+        return [self._entry(path) for path in files]
 
     def resolve(self, name: str) -> Path:
         """A model by title (path relative to the folder), file name, stem or short hash — only inside the folder."""

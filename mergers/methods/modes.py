@@ -9,12 +9,21 @@ from __future__ import annotations
 from mergers.errors import RecipeError
 from mergers.methods.registry import get_method, normalise_name, suggest
 
-# snake_case name → the original's UI label
+# snake_case name → the UI label (the original's four, then the task-arithmetic family of
+# mergers/methods/task.py). A label must normalise to its snake name, so either spelling resolves.
 MODES = {
     "weight_sum": "Weight sum",
     "add_difference": "Add difference",
     "triple_sum": "Triple sum",
     "sum_twice": "sum Twice",
+    "slerp": "SLERP",
+    "add_perpendicular": "Add perpendicular",
+    "ties": "TIES",
+    "dare": "DARE",
+    "dare_ties": "DARE-TIES",
+    "model_breadcrumbs": "Model Breadcrumbs",
+    "model_stock": "Model Stock",
+    "geometric_median": "Geometric median",
 }
 
 # The original's calculation modes, in its UI order, then our corrected variant.
@@ -40,6 +49,9 @@ METHOD_TABLE = {
     ("weight_sum", "tensor2"): "tensor2",
     ("weight_sum", "self"): "self",
     ("weight_sum", "plus random"): "plus_random",
+    # Beyond the original: each new mode runs its one method with calculation mode "normal".
+    **{(mode, "normal"): mode for mode in ("slerp", "add_perpendicular", "ties", "dare", "dare_ties",
+                                            "model_breadcrumbs", "model_stock", "geometric_median")},
 }
 
 

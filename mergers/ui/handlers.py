@@ -28,13 +28,16 @@ from typing import Any, Optional
 import gradio as gr
 
 from mergers.arch import block_ids, detect_architecture, require_supported
-from mergers.checkpoint import open_checkpoint
+from mergers.chain import describe, open_model
 from mergers.engine import ProgressCallback
+from mergers.estimate import estimate
 from mergers.errors import MergeError
 from mergers.keyfilter import filter_choices
+from mergers.merge import open_sources
 from mergers.methods.modes import MODES, calcmodes_for, method_for
 from mergers.recipe import Recipe
 from mergers.session import MergeSession
+from mergers.virtual import save_virtual_checkpoint, virtual_file_name
 from mergers.ui.fields import field_value, params_from_ui, recipe_from_ui, short_model_name, ui_from_recipe
 from mergers.weights import BlockWeights, load_presets, parse_weights
 
@@ -131,7 +134,7 @@ class TabActions:
         title = values.get("model_a")
         if not title:
             return self._layout_outputs("sd1", "", values)
-        with open_checkpoint(self.host.resolve(title)) as checkpoint:
+        with open_model(title, self.host.resolve) as checkpoint:  # a saved recipe is read as a model too
             arch = detect_architecture(checkpoint.shapes, checkpoint.metadata, source=checkpoint.name)
         require_supported(arch, source=checkpoint.name)
         return self._layout_outputs(arch.layout, f"Model A: {arch.label}", values)
@@ -185,8 +188,31 @@ class TabActions:
     @shows_errors
     def merge(self, values: Mapping[str, Any], *, on_progress: Optional[ProgressCallback] = None) -> dict:
         """Merge into the loaded model; the message is the outcome's summary."""
-        outcome = self.session.merge(self.recipe(values), on_progress=on_progress)
-        return {MESSAGE: as_message(outcome.summary), HISTORY: self.history_rows()}
+        recipe = self.recipe(values)
+        cost = self.estimate_text(recipe)
+        outcome = self.session.merge(recipe, on_progress=on_progress)
+        return {MESSAGE: as_message(f"{outcome.summary}\n{cost}"), HISTORY: self.history_rows()}
+
+    def estimate_text(self, recipe: Recipe) -> str:
+        """The merge's cost from the inputs' headers (nothing is read): bytes, peak RAM/VRAM, time."""
+        with open_sources(recipe, self.host.resolve) as sources:
+            return estimate(recipe, sources).text()
+
+    @shows_errors
+    def use_merge_as_model_a(self, values: Mapping[str, Any]) -> dict:
+        """Chain by hand: keep the current merge as a saved recipe (a virtual checkpoint, a few KB)
+        beside the checkpoints and pick it as model A, so the next merge takes its result as A."""
+        current = self.session.current
+        if current is None or current.recipe is None:
+            raise MergeError("nothing to chain: merge first, then use the merge as model A")
+        name = UNSAFE_FILE_CHARS.sub("_", current.name.replace(" ", ""))[:MAX_FILE_STEM] or "merge"
+        path = save_virtual_checkpoint(current.recipe, self.host.models_dir / virtual_file_name(name), overwrite=True)
+        titles = self.model_titles()
+        title = self.title_for(str(path))
+        return {"model_a": gr.update(choices=titles, value=title), "model_b": gr.update(choices=titles),
+                "model_c": gr.update(choices=titles),
+                MESSAGE: as_message(f"model A is now the merge {describe(current.recipe)}, kept as {path.name}: "
+                                    "it is merged key by key when used, nothing else is written")}
 
     @shows_errors
     def merge_and_generate(self, values: Mapping[str, Any], *,
@@ -233,7 +259,7 @@ class TabActions:
         if self.session.current is None:
             raise MergeError("nothing to save: merge first")
         stem = UNSAFE_FILE_CHARS.sub("_", self.session.current.name.replace(" ", ""))
-        return stem[:MAX_FILE_STEM]
+        return stem[:MAX_FILE_STEM].rstrip(".")  # a cut before the extension must not leave ".."
 
     # --- history ------------------------------------------------------------------
 

@@ -65,6 +65,8 @@ def models_section(w: Widgets, titles: list[str]) -> None:
         add(w, "model_a", "model_b", choices=titles)
         add(w, "model_c", choices=titles, interactive=False)
         w["refresh_models"] = gr.Button("Refresh", size="sm", scale=0, min_width=80)
+    # Chaining by hand: the current merge becomes model A as a saved recipe (handlers.use_merge_as_model_a).
+    w["use_merge_as_a"] = gr.Button("Use the current merge as model A", size="sm")
     w[ARCH_INFO] = gr.Markdown("")
 
 
@@ -151,7 +153,8 @@ def generation_section(w: Widgets, defaults: GenerationParams) -> None:
     """"Generation Parameters": the preview's txt2img settings, starting from the host's."""
     values = ui_from_params(defaults)
     with gr.Accordion("Generation Parameters", open=False):
-        add(w, "gen.prompt", "gen.negative_prompt")
+        for name in ("gen.prompt", "gen.negative_prompt"):
+            w[name] = component(name, value=values[name])
         for row in (("gen.steps", "gen.sampler", "gen.cfg_scale"), ("gen.width", "gen.height"),
                     ("gen.seed", "gen.batch_size")):
             with gr.Row():

@@ -49,7 +49,11 @@ log = logging.getLogger(__name__)
 
 # Tabs that live beside their feature: (label, "module:function"); the function lays
 # its tab out in the open gr.Tab and binds its own events, given the session.
-FEATURE_TABS: tuple[tuple[str, str], ...] = ()
+FEATURE_TABS: tuple[tuple[str, str], ...] = (
+    ("XYZ plot", "mergers.ui.xyz_tab:xyz_tab"),
+    ("LoRA", "mergers.ui.lora_tab:lora_tab"),
+    ("Analysis", "mergers.ui.analysis_tab:analysis_tab"),
+)
 
 METHOD_OUTPUTS = ("calcmode", "beta", "gamma", "seed", "model_c", METHOD_INFO, MESSAGE)
 
@@ -172,6 +176,7 @@ def _bind_choices(w: Widgets, actions: TabActions) -> None:
                       *(slider_name(b) for b in HIDDEN_FOR_SDXL))
     bind(w["model_a"].change, actions.change_model_a, w, ("model_a", "include_exclude_blocks"), layout_outputs)
     bind(w["refresh_models"].click, actions.refresh_models, w, (), ("model_a", "model_b", "model_c", MESSAGE))
+    bind(w["use_merge_as_a"].click, actions.use_merge_as_model_a, w, (), ("model_a", "model_b", "model_c", MESSAGE))
 
 
 def _bind_weights(w: Widgets, actions: TabActions) -> None:

@@ -19,6 +19,7 @@ cmd_opts = argparse.Namespace(
     ckpt_dir=None,
     lora_dir=os.path.join(paths.models_path, "Lora"),
     ui_config_file=os.path.join(paths.data_path, "ui-config.json"),
+    api=False,
     api_auth=None,
     nowebui=False,
     no_half=False,
