@@ -27,6 +27,7 @@ from mergers.metadata import A1111_RECIPE_KEY, stored_recipe
 from mergers.methods import CALCMODES, MODES
 from mergers.models import find_model
 from mergers.recipe import Recipe
+from mergers.writer import OUTPUT_DTYPES
 
 log = logging.getLogger("mergers")
 
@@ -121,7 +122,7 @@ def _dice(args) -> Dice:
 
 def _add_output_options(cmd) -> None:
     cmd.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="the file to write")
-    cmd.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="output precision (default: as model A)")
+    cmd.add_argument("--dtype", choices=list(OUTPUT_DTYPES), help="output precision (default: as model A)")
     cmd.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
     cmd.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never an input)")
 

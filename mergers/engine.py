@@ -79,7 +79,9 @@ def run_plan(plan: MergePlan, sources: Sources, *, device: Optional[str] = None,
     progress = _Progress(len(plan.prepass_keys) + len(plan.steps), on_progress, cancel)
     stats = run_prepass(plan, sources, compute, progress, readahead_bytes) if plan.method.prepass else {}
     reads = lambda step: step_inputs(step, sources, plan.input_count)  # noqa: E731
-    with _Prefetcher(plan.steps, reads, readahead_bytes) as inputs:
+    # The thread count is set once for the whole loop: switching it per step cost more than it saved.
+    threads = _merge_threads(plan, compute, chained=any(getattr(m, "plan", None) for m in sources.models))
+    with _Prefetcher(plan.steps, reads, readahead_bytes) as inputs, _intraop_threads(threads):
         for step, tensors in inputs:
             progress.check(step.key)
             result = compute_step(plan, step, tensors, compute, stats)
@@ -120,12 +122,14 @@ class _Progress:
 
 
 def is_finite(tensor: torch.Tensor) -> bool:
-    """True when no element is NaN or Inf; one fp32-accumulated reduction, no full-size temporary."""
+    """True when no element is NaN or Inf; one reduction, no full-size temporary (a fp32 sum made one)."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
-    if torch.isfinite(torch.sum(tensor, dtype=torch.float32)):
-        return True
-    return bool(torch.isfinite(tensor).all())  # the sum may overflow on finite values: check exactly
+    try:
+        low, high = torch.aminmax(tensor.reshape(-1))  # NaN and ±Inf reach the min or max; no temporary
+    except RuntimeError:  # fp8 has neither aminmax nor isfinite; fp16 holds all its values, NaN included
+        return bool(torch.isfinite(tensor.to(torch.float16)).all())
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _warn_non_finite(key: str, tensors: list[torch.Tensor], warnings: Optional[list]) -> None:
@@ -145,8 +149,7 @@ def compute_step(plan: MergePlan, step: KeyStep, tensors: list[torch.Tensor],
     if step.action != "merge":
         return tensors[0].to(step.spec.dtype)
     try:
-        with _intraop_threads(_merge_threads(plan, device)):
-            return _merge_tensors(plan, step, tensors, device, stats or {}).to(step.spec.dtype)
+        return _merge_tensors(plan, step, tensors, device, stats or {}).to(step.spec.dtype)
     except (RuntimeError, ValueError) as error:  # name the key, not a frame deep inside torch
         raise MergeError(f"merging {step.key!r} failed: {error}") from error
 
@@ -155,7 +158,7 @@ def compute_step(plan: MergePlan, step: KeyStep, tensors: list[torch.Tensor],
 PIPELINE_THREADS = 2
 
 
-def _merge_threads(plan: MergePlan, device: torch.device) -> int:
+def _merge_threads(plan: MergePlan, device: torch.device, *, chained: bool = False) -> int:
     """torch's threads for one CPU merge step: the cores the pipeline's reader and writer leave.
 
     Elementwise merges are memory-bound; on 2 cores, torch's second thread spinning
@@ -164,7 +167,9 @@ def _merge_threads(plan: MergePlan, device: torch.device) -> int:
     a reduction's sum order, hence its last bits, depends on the thread count.
     """
     threads = torch.get_num_threads()
-    if device.type != "cpu" or plan.method.precision != "native":
+    # A chained input merges its inner recipe on the reader thread, with whatever method it has;
+    # torch's thread count is global, so it is left alone there.
+    if device.type != "cpu" or plan.method.precision != "native" or chained:
         return threads
     return max(1, min(threads, (os.cpu_count() or 1) - PIPELINE_THREADS))
 
@@ -214,9 +219,12 @@ def _result_buffer(plan: MergePlan, step: KeyStep, inputs: list[torch.Tensor],
     return pool.tensor(first.dtype, tuple(first.shape))
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def _compute_dtype(precision: str, tensors: list[torch.Tensor]) -> torch.dtype:
-    if precision == "fp32":
-        return torch.float32
+    if precision == "fp32" or any(t.dtype in FP8_DTYPES for t in tensors):
+        return torch.float32  # torch has no fp8 arithmetic: compute in fp32, written back as planned
     dtype = tensors[0].dtype
     for tensor in tensors[1:]:
         dtype = torch.promote_types(dtype, tensor.dtype)

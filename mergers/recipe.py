@@ -68,7 +68,7 @@ class Recipe:
     dice: Dice = Dice()
     gamma: float = 0.3  # the original's "option(gamma)", used by calcmode extract
     seed: int = -1  # for calcmode "plus random"; -1 draws one when the merge runs (and records it)
-    dtype: str | None = None  # "fp16" | "bf16" | "fp32" | None: as model A
+    dtype: str | None = None  # "fp16" | "bf16" | "fp32" | "fp8_e4m3fn" | "fp8_e5m2" | None: as model A
     prune: bool = False
     reset_clip: bool = False
     bake_vae: str | None = None

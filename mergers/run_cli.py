@@ -22,6 +22,7 @@ from mergers.errors import CheckpointError, MergeError
 from mergers.estimate import DEFAULT_DISK_BYTES_PER_S, estimate
 from mergers.merge import merge_to_file, open_sources, resolve_path
 from mergers.models import find_model
+from mergers.writer import OUTPUT_DTYPES
 
 
 def add_command(commands) -> None:
@@ -31,7 +32,7 @@ def add_command(commands) -> None:
     cmd.add_argument("recipe", metavar="RECIPE.json")
     cmd.add_argument("-o", "--output", metavar="OUT.safetensors", help="the file to write (not needed with --estimate)")
     cmd.add_argument("--models", metavar="DIR", help="folder holding the input models (default: beside RECIPE, or paths)")
-    cmd.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="output precision (overrides the recipe's)")
+    cmd.add_argument("--dtype", choices=list(OUTPUT_DTYPES), help="output precision (overrides the recipe's)")
     cmd.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
     cmd.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never an input)")
     cmd.add_argument("--estimate", action="store_true", help="print the estimate and stop")

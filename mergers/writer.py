@@ -25,7 +25,9 @@ from mergers.errors import OutputError
 
 TEMP_MARK = ".supermerger-partial-"
 
-OUTPUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# fp8: torch clamps e4m3fn to ±448 on the cast.
+OUTPUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+                 "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ def output_dtype(name: str | None) -> torch.dtype | None:
     try:
         return OUTPUT_DTYPES[name]
     except KeyError:
-        raise OutputError(f"unknown output dtype {name!r}; use fp16, bf16 or fp32") from None
+        raise OutputError(f"unknown output dtype {name!r}; use {', '.join(OUTPUT_DTYPES)}") from None
 
 
 def cast_for_output(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

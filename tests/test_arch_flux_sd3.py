@@ -234,14 +234,11 @@ def test_bare_and_t5_keys_merge(tmp_path):
     assert "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.k.weight" in merged
 
 
-@pytest.mark.xfail(strict=True, reason="needs engine._compute_dtype to compute fp8 in fp32 (report of issue #11)")
 def test_fp8_weight_sum(tmp_path):
     paths = [write(tmp_path, f"{n}.safetensors", small_flux(n, torch.float8_e4m3fn)) for n in (1, 2)]
     merge_to_file(Recipe(paths[0], paths[1], mode="Weight sum"), tmp_path / "out.safetensors")
 
 
-@pytest.mark.xfail(strict=True, raises=RecipeError,
-                   reason="needs 'fp8_e4m3fn'/'fp8_e5m2' in writer.OUTPUT_DTYPES (report of issue #11)")
 def test_fp8_output_dtype_option(tmp_path):
     paths = [write(tmp_path, f"{n}.safetensors", small_flux(n, torch.bfloat16)) for n in (1, 2)]
     result = merge_to_file(Recipe(paths[0], paths[1], mode="SLERP", dtype="fp8_e4m3fn"), tmp_path / "out.safetensors")

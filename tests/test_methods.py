@@ -104,8 +104,8 @@ def test_triple_sum_with_beta_zero_is_weight_sum():
 
 def test_registry_rows():
     rows = {m.name: (m.models, m.params, m.precision) for m in METHODS.values()}
-    assert rows["weight_sum"] == (2, ("alpha",), "native")
-    assert rows["add_difference"] == (3, ("alpha",), "native")
+    assert rows["weight_sum"] == (2, ("alpha", "out"), "native")  # out: a reused result buffer
+    assert rows["add_difference"] == (3, ("alpha", "out"), "native")
     assert rows["triple_sum"] == (3, ("alpha", "beta"), "native")
     assert rows["sum_twice"] == (3, ("alpha", "beta"), "fp32")
     assert rows["extract"] == (3, ("alpha", "beta", "gamma"), "fp32")

@@ -5,6 +5,8 @@ Formulas and the way each is computed (lerp, precision) follow the original's
 l.497–539) so that our numbers equal its numbers.
 """
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -14,15 +16,16 @@ from mergers.methods.registry import merge_method
 # torch's lerp computes fp16/bf16 in fp32 and rounds once, so "native" equals the
 # original's fp32 lerp bit for bit without fp32 copies of the inputs.
 @merge_method("weight_sum", label="Weight sum", precision="native", formula="A·(1−α) + B·α")
-def weight_sum(a: Tensor, b: Tensor, *, alpha: float) -> Tensor:
-    """A·(1−α) + B·α, as ``lerp`` (α = 1 gives B exactly, α = 0 gives A)."""
-    return torch.lerp(a, b, alpha)
+def weight_sum(a: Tensor, b: Tensor, *, alpha: float, out: Optional[Tensor] = None) -> Tensor:
+    """A·(1−α) + B·α, as ``lerp`` (α = 1 gives B exactly, α = 0 gives A); ``out``: a reused buffer."""
+    return torch.lerp(a, b, alpha, out=out)
 
 
 @merge_method("add_difference", label="Add difference", precision="native", formula="A + (B − C)·α")
-def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float) -> Tensor:
-    """A + α·(B − C), in the models' own dtype as the original computes it."""
-    return a + alpha * (b - c)
+def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float, out: Optional[Tensor] = None) -> Tensor:
+    """A + α·(B − C), in the models' own dtype as the original computes it (the same three roundings,
+    in place in ``out`` when given)."""
+    return torch.sub(b, c, out=out).mul_(alpha).add_(a)
 
 
 @merge_method("triple_sum", label="Triple sum", precision="native", formula="A·(1−α−β) + B·α + C·β")
