@@ -135,14 +135,27 @@ class MergeSession:
         """txt2img with whatever is loaded; the infotext names the current merge and its recipe."""
         if not self.host.can_generate():
             raise MergeError("preview needs the web UI: this host has no image generator")
-        extra = {}
-        if self.current is not None and self.current.swapped:
-            extra = {"SuperMerger": self.current.name, **self.current.info}
-            if self.current.recipe is not None:
-                extra["SuperMerger recipe"] = self.current.recipe.to_json()
-            if self.current.history_id is not None:
-                extra["SuperMerger ID"] = self.current.history_id
-        return self.host.generate(params, extra_info=extra)
+        return self.host.generate(params, extra_info=self.infotext())
+
+    def infotext(self) -> dict[str, Any]:
+        """What an image made now should say of the merge in the loaded model ({} when there is none):
+        its name, history ID and recipe. The A1111 glue adds it to txt2img's own images too.
+
+        Example:
+            >>> session.infotext()
+            {'SuperMerger': 'a x 0.5 + b x 0.5', 'SuperMerger ID': 3, 'SuperMerger recipe': '{...}'}
+        """
+        current, swapper = self.current, self._swapper
+        if current is None or not current.swapped or swapper is None or not swapper.merged:
+            return {}
+        if self.host.live_model() is not swapper.live:  # the host loaded another checkpoint since
+            return {}
+        extra: dict[str, Any] = {"SuperMerger": current.name, **current.info}
+        if current.history_id is not None:
+            extra["SuperMerger ID"] = current.history_id
+        if current.recipe is not None:
+            extra["SuperMerger recipe"] = current.recipe.to_json()
+        return extra
 
     def save(self, filename: str, *, dtype: str | None = None, prune: bool = False, overwrite: bool = False,
              bake_vae: str | None = None, on_progress: ProgressCallback | None = None) -> Path:

@@ -224,7 +224,16 @@ class Swapper:
     # restore ---------------------------------------------------------------
 
     def _put_back(self, keys: Collection[str], tensors: Mapping[str, torch.Tensor]) -> int:
-        """Copy the originals of ``keys`` back: from RAM if saved there, else from the source file."""
+        """Copy the originals of ``keys`` back: from RAM if saved there, else from the source file.
+
+        Keys the live model no longer shows are the host's again (A1111: a VAE the user picked since
+        replaced the merged one), so they are forgotten, not restored over what the host put there.
+        """
+        gone = [key for key in keys if key not in tensors]
+        for key in gone:
+            self._changed.discard(key)
+            self._backups.pop(key, None)
+        keys = [key for key in keys if key in tensors]
         if not keys:
             return 0
         from_file = [key for key in keys if key not in self._backups]

@@ -30,6 +30,20 @@ session = MergeSession(host)
 script_callbacks.on_model_loaded(host.model_loaded)
 
 
+class MergeInfotext(scripts.Script):
+    """Always on, without a UI: images A1111 itself makes (txt2img, img2img) while a merge is swapped
+    in name it in their infotext, with its history ID and recipe, as the tab's own previews do."""
+
+    def title(self):
+        return "SuperMerger"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def process(self, p, *args):
+        p.extra_generation_params.update(session.infotext())
+
+
 def on_ui_tabs():
     """The SuperMerger tab, built by ``mergers.ui`` around the session."""
     return [(build_tab(session), "SuperMerger", "supermerger")]

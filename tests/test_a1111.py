@@ -488,3 +488,42 @@ def test_a_vae_chosen_in_settings_is_left_alone_by_merge_and_restore(webui, tmp_
     session.restore()
     after = live_tensors(webui.model)
     assert all(torch.equal(after[k], vae[k]) for k in vae)
+
+
+def test_picking_a_vae_after_a_merge_keeps_the_merge_restorable(webui, tmp_path):
+    """A1111's sd_vae.reload_vae_weights calls the model-loaded callbacks with the same model: that is
+    no new checkpoint. Restore must still work, and must leave the VAE the user picked alone."""
+    host = _host(webui, tmp_path)
+    session = MergeSession(host)
+    original = _snapshot(webui.model)
+    session.merge(Recipe(model_a="b.safetensors", model_b="c.safetensors", alpha=0.5))
+    live = live_tensors(webui.model)
+    picked = {k: t + 0.5 for k, t in original.items() if k.startswith("first_stage_model.")}
+    for key, tensor in picked.items():  # what sd_vae.load_vae does, then the callback it runs
+        live[key].data.copy_(tensor)
+    webui.model.loaded_vae_file = str(tmp_path / "picked.vae.safetensors")
+    webui.script_callbacks.model_loaded_callback(webui.model)
+    assert session.restore() > 0
+    live = live_tensors(webui.model)
+    assert _equal(live, original, skip=picked) == []
+    assert all(torch.equal(live[k], picked[k]) for k in picked)
+
+
+
+def test_a1111s_own_images_name_the_merge_swapped_in(webui):
+    webui.scripts.load_scripts()
+    (_, module), = webui.scripts.scripts_data
+    script = module.MergeInfotext()
+    assert script.show(False) is webui.scripts.AlwaysVisible
+    p = SimpleNamespace(extra_generation_params={})
+    script.process(p)
+    assert p.extra_generation_params == {}  # nothing merged: nothing said
+    outcome = module.session.merge(Recipe(model_a="a.safetensors", model_b="b.safetensors", alpha=0.3))
+    script.process(p)
+    assert p.extra_generation_params["SuperMerger"] == outcome.name
+    assert p.extra_generation_params["SuperMerger ID"] == outcome.history_id
+    assert Recipe.from_json(p.extra_generation_params["SuperMerger recipe"]) == outcome.recipe
+    module.session.restore()
+    p = SimpleNamespace(extra_generation_params={})
+    script.process(p)
+    assert p.extra_generation_params == {}

@@ -155,9 +155,18 @@ class A1111Host:
         return self._live
 
     def model_loaded(self, sd_model: Any) -> None:
-        """``script_callbacks.on_model_loaded``: A1111 (re)loaded weights from a file; retire the old view."""
-        if self._live is not None:
-            self._live.out_of_date = True
+        """``script_callbacks.on_model_loaded``: A1111 (re)loaded weights from a file; retire the old view.
+
+        A1111 also calls it after loading only a VAE (Settings → SD VAE: same model object, same
+        checkpoint, another ``loaded_vae_file``): the merge is still in the U-Net and text encoder,
+        so the view stays and Restore still works; the first stage is the VAE's business then.
+        """
+        live = self._live
+        if live is not None and live.wraps(sd_model) and external_vae(sd_model) != live.vae_file:
+            live.vae_file = external_vae(sd_model)
+            return
+        if live is not None:
+            live.out_of_date = True
         self._live = None
 
     def lock(self) -> ContextManager:
@@ -215,6 +224,7 @@ class A1111LiveModel:
         self._modules = modules
         self.source: Optional[Path] = _source_of(model)
         self.out_of_date = False  # set when A1111 loads weights again: a Swapper must not restore into them
+        self.vae_file = external_vae(model)  # the VAE file A1111 loaded over the checkpoint's, if any
 
     def wraps(self, model: Any) -> bool:
         """Whether this is still a view of ``model`` holding the same checkpoint."""
