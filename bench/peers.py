@@ -37,8 +37,8 @@ def naive(mode: str, alpha: float, output: Path, inputs: list[Path]) -> None:
 
 def sd_mecha(mode: str, alpha: float, output: Path, inputs: list[Path]) -> None:
     """sd-mecha's weighted_sum / add_difference, fp16 out (its default merge dtype, fp32)."""
-    import torch
     import sd_mecha
+    import torch
 
     models = [sd_mecha.model(path) for path in inputs]
     if mode == "add_difference":

@@ -39,6 +39,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, Field
 
+from mergers.chain import leaf_names
 from mergers.errors import (
     ArchitectureError,
     CheckpointError,
@@ -48,7 +49,6 @@ from mergers.errors import (
     RecipeError,
     WeightsError,
 )
-from mergers.chain import leaf_names
 from mergers.hashing import cached_sha256, sha256_of_file
 from mergers.host import GenerationParams
 from mergers.recipe import Recipe

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Optional
 from pathlib import Path
+from typing import Optional
 
 from mergers.checkpoint import Checkpoint
 from mergers.errors import RecipeError

@@ -20,8 +20,15 @@ from typing import Optional
 import torch
 
 from mergers.adjust import Adjust, adjust_for_key, parse_adjust
-from mergers.arch import (Architecture, block_ids, block_of, detect_architecture, fine_block_of_sdxl, merges_by_name,
-                          require_supported)
+from mergers.arch import (
+    Architecture,
+    block_ids,
+    block_of,
+    detect_architecture,
+    fine_block_of_sdxl,
+    merges_by_name,
+    require_supported,
+)
 from mergers.checkpoint import Checkpoint
 from mergers.dice import roll
 from mergers.elemental import ElementalRule, elemental_ratio, parse_elemental, uses_random

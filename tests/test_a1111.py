@@ -88,8 +88,7 @@ def webui(tmp_path, monkeypatch, checkpoints):
 def _start(data: Path) -> SimpleNamespace:
     import launch
     import networks
-    from modules import (call_queue, devices, paths, processing, script_callbacks, scripts, sd_hijack, sd_models,
-                         shared)
+    from modules import call_queue, devices, paths, processing, script_callbacks, scripts, sd_hijack, sd_models, shared
 
     sd_models.list_models()
     shared.opts.data["sd_model_checkpoint"] = "a.safetensors"

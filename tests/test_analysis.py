@@ -8,9 +8,7 @@ import csv
 import io
 import json
 import math
-import os
 import statistics
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -30,6 +28,7 @@ from mergers.merge import merge_to_file
 from mergers.recipe import Recipe
 from mergers.weights import parse_weights
 from mergers.writer import save_checkpoint
+from tests.gradio3 import run_under_gradio3
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI_MODULES = ("mergers.analysis_cli",)
@@ -396,16 +395,7 @@ def test_the_analysis_tab_builds(tab_session):
 
 
 def test_the_analysis_tab_builds_under_gradio_3(tmp_path):
-    from tests.test_ui import GRADIO3_PYTHON
-    if not GRADIO3_PYTHON.exists():
-        pytest.skip(f"{GRADIO3_PYTHON} missing: build the Gradio 3.41.2 venv")
-    script = tmp_path / "build_g3.py"
-    script.write_text(GRADIO3_BUILD)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
-    done = subprocess.run([str(GRADIO3_PYTHON), str(script), str(tmp_path)], capture_output=True, text=True,
-                          timeout=180, env=env, cwd=ROOT, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.strip().endswith("gradio 3.41.2 ok")
+    assert run_under_gradio3(GRADIO3_BUILD, tmp_path, folder=tmp_path).endswith("gradio 3.41.2 ok")
 
 
 # Gradio 3.41.2 warns about arguments it does not know ("unused kwarg"): fail on any. The handlers run too.

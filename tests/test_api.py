@@ -49,7 +49,8 @@ from mergers.hosts.standalone import FolderHost
 from mergers.metadata import stored_recipe
 from mergers.session import MergeSession
 from tests import test_a1111
-from tests.test_ui import GRADIO3_PYTHON, ROOT
+from tests.gradio3 import run_under_gradio3
+from tests.test_ui import ROOT
 from tests.ui_host import UiHost, weights_checksum
 
 RECIPE = {"model_a": "a.safetensors", "model_b": "b.safetensors", "alpha": 0.3}
@@ -587,16 +588,9 @@ def wait_for_json(url: str, server: subprocess.Popen, timeout_s: float = 90):
 
 
 def test_the_api_under_gradio_3_and_pydantic_1(models_root, tmp_path):
-    if not GRADIO3_PYTHON.exists():
-        pytest.skip(f"{GRADIO3_PYTHON} missing: build the Gradio 3.41.2 venv (see tests/test_ui.py GRADIO3_BUILD)")
-    script = tmp_path / "api_g3.py"
-    script.write_text(GRADIO3_API)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False",
-           "SUPERMERGER_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([str(GRADIO3_PYTHON), str(script), str(models_root / "models"), str(tmp_path / "d")],
-                            capture_output=True, text=True, timeout=180, env=env, cwd=ROOT, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().endswith("pydantic 1 ok")
+    out = run_under_gradio3(GRADIO3_API, models_root / "models", tmp_path / "d", folder=tmp_path,
+                            env={"SUPERMERGER_CACHE": str(tmp_path / "cache")})
+    assert out.endswith("pydantic 1 ok")
 
 
 GRADIO3_API = '''

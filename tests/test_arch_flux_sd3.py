@@ -10,7 +10,7 @@ import torch
 
 from mergers.arch import block_ids, block_of, detect_architecture, key_specs, merges_by_name, require_supported
 from mergers.checkpoint import dtype_name, open_checkpoint
-from mergers.errors import RecipeError, WeightsError
+from mergers.errors import WeightsError
 from mergers.merge import merge_to_file, open_sources
 from mergers.methods.basic import sum_twice
 from mergers.plan import plan_merge

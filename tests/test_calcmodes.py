@@ -13,8 +13,18 @@ from mergers.demo import tiny_state_dict
 from mergers.errors import RecipeError
 from mergers.merge import merge_to_file
 from mergers.methods import METHODS, calcmodes_for, method_for
-from mergers.methods.calc import (CosineStats, cosine_a, cosine_b, extract, plus_random, self_scale, smooth_add,
-                                  tensor2_swap, tensor_swap, train_difference)
+from mergers.methods.calc import (
+    CosineStats,
+    cosine_a,
+    cosine_b,
+    extract,
+    plus_random,
+    self_scale,
+    smooth_add,
+    tensor2_swap,
+    tensor_swap,
+    train_difference,
+)
 from mergers.methods.filters import gaussian_filter, median_filter3, reflect_indices, smooth
 from mergers.recipe import Recipe
 from mergers.writer import save_checkpoint

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-
 import pytest
 import torch
 
@@ -12,8 +9,9 @@ from mergers.checkpoint import open_checkpoint
 from mergers.session import MergeSession
 from mergers.ui import lora_tab as tab
 from mergers.ui.handlers import MESSAGE
+from tests.gradio3 import run_under_gradio3
 from tests.test_lora_fixtures import make_lora
-from tests.test_ui import GRADIO3_PYTHON, ROOT, plain
+from tests.test_ui import plain
 from tests.ui_host import UiHost, weights_checksum
 
 FEATURE = (("LoRA", "mergers.ui.lora_tab:lora_tab"),)
@@ -52,15 +50,8 @@ def test_the_tab_builds_under_gradio_4(actions):
 
 
 def test_the_tab_builds_under_gradio_3(root, tmp_path):
-    if not GRADIO3_PYTHON.exists():
-        pytest.skip(f"{GRADIO3_PYTHON} missing: build the Gradio 3.41.2 venv")
-    script = tmp_path / "build_g3.py"
-    script.write_text(GRADIO3_BUILD)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
-    result = subprocess.run([str(GRADIO3_PYTHON), str(script), str(root / "models"), str(tmp_path / "d")],
-                            capture_output=True, text=True, timeout=120, env=env, cwd=ROOT, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().startswith("gradio 3.41.2 ok")
+    out = run_under_gradio3(GRADIO3_BUILD, root / "models", tmp_path / "d", folder=tmp_path)
+    assert out.startswith("gradio 3.41.2 ok")
 
 
 GRADIO3_BUILD = '''

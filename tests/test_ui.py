@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import threading
 from dataclasses import fields
 from pathlib import Path
@@ -27,6 +26,7 @@ from mergers.ui.fields import (
     ui_from_recipe,
 )
 from mergers.ui.handlers import HIDDEN_FOR_SDXL, SLIDER_NAMES, TabActions, slider_name
+from tests.gradio3 import run_under_gradio3
 from tests.ui_host import UiHost, weights_checksum
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,15 +136,8 @@ def test_the_tab_builds(actions):
 
 
 def test_the_tab_builds_under_gradio_3(models_root, tmp_path):
-    if not GRADIO3_PYTHON.exists():
-        pytest.skip(f"{GRADIO3_PYTHON} missing: build the Gradio 3.41.2 venv (see tests/test_ui.py GRADIO3_BUILD)")
-    script = tmp_path / "build_g3.py"
-    script.write_text(GRADIO3_BUILD)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
-    result = subprocess.run([str(GRADIO3_PYTHON), str(script), str(models_root / "models"), str(tmp_path / "d")],
-                            capture_output=True, text=True, timeout=120, env=env, cwd=ROOT, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().startswith("gradio 3.41.2 ok")
+    out = run_under_gradio3(GRADIO3_BUILD, models_root / "models", tmp_path / "d", folder=tmp_path)
+    assert out.startswith("gradio 3.41.2 ok")
 
 
 # Built with Gradio 3.41.2: any argument it does not know is a warning there ("unused kwarg"): fail on it.

@@ -1,7 +1,6 @@
 """The XYZ tab: it builds under Gradio 4 and 3.41, and its handlers turn values into plots and messages."""
 
 import os
-import subprocess
 from pathlib import Path
 
 import gradio as gr
@@ -12,6 +11,7 @@ from mergers.session import MergeSession
 from mergers.ui.handlers import MESSAGE
 from mergers.ui.tab import tab_contents
 from mergers.ui.xyz_tab import BASE_EXTRA, GRIDS, QUEUE, XyzActions, base_recipe, base_values
+from tests.gradio3 import run_under_gradio3
 from tests.ui_host import UiHost
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,16 +45,9 @@ def test_the_tab_builds_in_gradio_4(tmp_path):
 
 
 def test_the_tab_builds_in_gradio_3_41(tmp_path):
-    if not GRADIO3_PYTHON.exists():
-        pytest.skip(f"{GRADIO3_PYTHON} missing: build the Gradio 3.41.2 venv")
     UiHost.create(tmp_path)
-    script = tmp_path / "build_g3.py"
-    script.write_text(GRADIO3_BUILD)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
-    result = subprocess.run([str(GRADIO3_PYTHON), str(script), str(tmp_path / "models"), str(tmp_path / "data")],
-                            capture_output=True, text=True, timeout=120, env=env, cwd=ROOT, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().startswith("gradio 3.41.2 ok")
+    out = run_under_gradio3(GRADIO3_BUILD, tmp_path / "models", tmp_path / "data", folder=tmp_path)
+    assert out.startswith("gradio 3.41.2 ok")
 
 
 GRADIO3_BUILD = '''

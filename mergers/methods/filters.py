@@ -7,7 +7,6 @@ functions give the same numbers to float tolerance (tests compare with scipy).
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor

@@ -30,15 +30,15 @@ import gradio as gr
 from mergers.arch import block_ids, detect_architecture, require_supported
 from mergers.chain import describe, open_model
 from mergers.engine import ProgressCallback
-from mergers.estimate import estimate
 from mergers.errors import MergeError
+from mergers.estimate import estimate
 from mergers.keyfilter import filter_choices
 from mergers.merge import open_sources
 from mergers.methods.modes import MODES, calcmodes_for, method_for
 from mergers.recipe import Recipe
 from mergers.session import MergeSession
-from mergers.virtual import save_virtual_checkpoint, virtual_file_name
 from mergers.ui.fields import field_value, params_from_ui, recipe_from_ui, short_model_name, ui_from_recipe
+from mergers.virtual import save_virtual_checkpoint, virtual_file_name
 from mergers.weights import BlockWeights, load_presets, parse_weights
 
 log = logging.getLogger(__name__)
