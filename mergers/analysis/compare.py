@@ -48,7 +48,7 @@ ATTN2_KEY = "attn2.to_out.0.weight"  # the original's "attn2" block value
 GROUP_STATISTICS = ("cosine", "cosine_min", "cosine_attn2", "relative_l2", "norm_a", "norm_b")
 FIT_STATISTICS = ("coefficient", "alignment")
 # Reading ahead only has to cover the next key or two: the sums of a key take less time than reading
-# it. The engine's 256 MB (plus its buffer pool of the same size) put peak RSS at 1.1 GB; see the README.
+# it. The engine's read-ahead budget (plus its buffer pool of the same size) put peak RSS at 1.1 GB when it was 256 MB.
 READAHEAD_BYTES = 64 * 1024 * 1024
 CSV_DIGITS = 8  # significant digits: a cosine of 0.99999812 keeps what tells it from 1
 
