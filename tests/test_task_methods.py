@@ -250,3 +250,25 @@ def test_whole_merge_with_block_weights(tmp_path, monkeypatch, mode):
         assert torch.equal(out[key], expected), key
     unmerged = set(a) - set(merged)
     assert all(torch.equal(out[key], a[key]) for key in unmerged)
+
+
+@pytest.mark.parametrize("mode", ["ties", "model_stock", "geometric_median"])
+def test_n_model_methods_take_models_past_c(tmp_path, monkeypatch, mode):
+    """A recipe's ``more_models`` reach the methods that take N fine-tunes: each key sees A…D."""
+    monkeypatch.setenv("SUPERMERGER_CACHE", str(tmp_path / "cache"))
+    paths = _write_models(tmp_path)
+    fourth = tmp_path / "sd1_4.safetensors"
+    save_checkpoint(fourth, tiny_state_dict("sd1", seed=4))
+    recipe = Recipe(*map(str, paths[:2]), model_c=str(paths[2]), more_models=(str(fourth),), mode=MODES[mode],
+                    alpha=0.7, beta=0.5)
+    assert len(recipe.models) == 4
+    result = merge_to_file(recipe, tmp_path / "out.safetensors")
+    tensors = [_load(p) for p in (*paths, fourth)]
+    out = _load(result.path)
+    method = METHODS[mode]
+    key = next(step.key for step in result.plan.steps if step.action == "merge" and "attn2.to_k" in step.key)
+    params = {"alpha": 0.7, "beta": 0.5}
+    expected = method.func(*(t[key].float() for t in tensors), **{p: params[p] for p in method.params})
+    three = method.func(*(t[key].float() for t in tensors[:3]), **{p: params[p] for p in method.params})
+    assert torch.equal(out[key], expected.to(out[key].dtype))
+    assert not torch.equal(expected, three)  # D counted

@@ -212,44 +212,47 @@ def slerp(a: Tensor, b: Tensor, *, alpha: float) -> Tensor:
 
 @merge_method("ties", label="TIES", bounds=DENSITY,
               formula="A + α·disjoint mean of the top-β magnitudes of B − A and C − A, signs elected")
-def ties_merge(a: Tensor, b: Tensor, c: Tensor, *, alpha: float, beta: float) -> Tensor:
-    """TIES with base A and fine-tunes B, C; β is the density (fraction of each task vector kept)."""
-    return ties(a, (b, c), alpha=alpha, density=beta)
+def ties_merge(a: Tensor, b: Tensor, c: Tensor, *more: Tensor, alpha: float, beta: float) -> Tensor:
+    """TIES with base A and fine-tunes B, C (and D, E… from ``more_models``); β is the density."""
+    return ties(a, (b, c, *more), alpha=alpha, density=beta)
 
 
 @merge_method("dare", label="DARE", bounds=DENSITY,
               formula="A + α·(drop(B − A) + drop(C − A)), each entry kept with chance β and divided by β")
-def dare_merge(a: Tensor, b: Tensor, c: Tensor, *, alpha: float, beta: float, seed: int, key: str) -> Tensor:
-    """DARE with base A and fine-tunes B, C; β is the density; drops drawn per key from ``seed``."""
-    return dare(a, (b, c), alpha=alpha, density=beta, generator=_seeded(seed, key))
+def dare_merge(a: Tensor, b: Tensor, c: Tensor, *more: Tensor, alpha: float, beta: float, seed: int,
+               key: str) -> Tensor:
+    """DARE with base A and fine-tunes B, C (D, E…); β is the density; drops drawn per key from ``seed``."""
+    return dare(a, (b, c, *more), alpha=alpha, density=beta, generator=_seeded(seed, key))
 
 
 @merge_method("dare_ties", label="DARE-TIES", bounds=DENSITY,
               formula="A + α·disjoint mean of drop(B − A) and drop(C − A), signs elected")
-def dare_ties_merge(a: Tensor, b: Tensor, c: Tensor, *, alpha: float, beta: float, seed: int, key: str) -> Tensor:
-    """DARE-TIES with base A and fine-tunes B, C; β is the density; drops drawn per key from ``seed``."""
-    return dare_ties(a, (b, c), alpha=alpha, density=beta, generator=_seeded(seed, key))
+def dare_ties_merge(a: Tensor, b: Tensor, c: Tensor, *more: Tensor, alpha: float, beta: float, seed: int,
+                    key: str) -> Tensor:
+    """DARE-TIES with base A and fine-tunes B, C (D, E…); β is the density; drops drawn per key from ``seed``."""
+    return dare_ties(a, (b, c, *more), alpha=alpha, density=beta, generator=_seeded(seed, key))
 
 
 @merge_method("model_breadcrumbs", label="Model Breadcrumbs", bounds=DENSITY + (("gamma", 0.0, 1.0),),
               formula="A + α·Σ (B − A, C − A) without their top-γ and bottom magnitudes, β kept")
-def breadcrumbs_merge(a: Tensor, b: Tensor, c: Tensor, *, alpha: float, beta: float, gamma: float) -> Tensor:
-    """Model Breadcrumbs with base A and fine-tunes B, C; β the density kept, γ the top fraction dropped."""
-    return breadcrumbs(a, (b, c), alpha=alpha, density=beta, drop_top=gamma)
+def breadcrumbs_merge(a: Tensor, b: Tensor, c: Tensor, *more: Tensor, alpha: float, beta: float,
+                      gamma: float) -> Tensor:
+    """Model Breadcrumbs with base A and fine-tunes B, C (D, E…); β the density kept, γ the top fraction dropped."""
+    return breadcrumbs(a, (b, c, *more), alpha=alpha, density=beta, drop_top=gamma)
 
 
 @merge_method("model_stock", label="Model Stock", formula="A + α·t·((B + C)/2 − A), t = 2cos θ/(1 + cos θ)")
-def model_stock_merge(a: Tensor, b: Tensor, c: Tensor, *, alpha: float) -> Tensor:
-    """Model Stock with base A and fine-tunes B, C; α = 1 is the paper's merge."""
-    return model_stock(a, (b, c), alpha=alpha)
+def model_stock_merge(a: Tensor, b: Tensor, c: Tensor, *more: Tensor, alpha: float) -> Tensor:
+    """Model Stock with base A and fine-tunes B, C (D, E…); α = 1 is the paper's merge."""
+    return model_stock(a, (b, c, *more), alpha=alpha)
 
 
 @merge_method("geometric_median", label="Geometric median", formula="lerp(A, geometric median of A, B, C, α)")
-def geometric_median_merge(a: Tensor, b: Tensor, c: Tensor, *, alpha: float) -> Tensor:
-    """The geometric median of A, B and C (α = 1), or that far from A toward it."""
+def geometric_median_merge(a: Tensor, b: Tensor, c: Tensor, *more: Tensor, alpha: float) -> Tensor:
+    """The geometric median of A, B, C (and D, E…) at α = 1, or that far from A toward it."""
     if alpha == 0:
         return a
-    return torch.lerp(a, geometric_median((a, b, c)), alpha)
+    return torch.lerp(a, geometric_median((a, b, c, *more)), alpha)
 
 
 @merge_method("add_perpendicular", label="Add perpendicular", formula="A + α·(the part of B − C perpendicular to A − C)")
