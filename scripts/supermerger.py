@@ -13,8 +13,7 @@ from pathlib import Path
 from modules import call_queue, devices, paths, processing, script_callbacks, scripts, sd_models, shared
 
 import mergers
-from mergers.hosts.a1111 import A1111Host, A1111Modules
-from mergers.session import MergeSession
+from mergers.hosts.a1111 import A1111Modules, session_for
 
 log = logging.getLogger("supermerger")
 
@@ -25,8 +24,10 @@ if Path(mergers.__file__).resolve().parent != (EXTENSION_DIR / "mergers").resolv
     raise ImportError(f"another extension's 'mergers' package ({mergers.__file__}) was imported first; "
                       f"SuperMerger needs its own, in {EXTENSION_DIR}")
 
-host = A1111Host(A1111Modules(shared, sd_models, processing, call_queue, paths, devices), extension_dir=EXTENSION_DIR)
-session = MergeSession(host)
+# The same session after "Reload UI", so a merge swapped in before it can still be restored.
+session = session_for(A1111Modules(shared, sd_models, processing, call_queue, paths, devices),
+                      extension_dir=EXTENSION_DIR)
+host = session.host
 script_callbacks.on_model_loaded(host.model_loaded)
 
 

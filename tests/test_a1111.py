@@ -526,3 +526,19 @@ def test_a1111s_own_images_name_the_merge_swapped_in(webui):
     p = SimpleNamespace(extra_generation_params={})
     script.process(p)
     assert p.extra_generation_params == {}
+
+
+def test_a_merge_stays_restorable_after_reload_ui(webui):
+    """Reload UI clears A1111's callbacks and runs the extension's script again."""
+    original = _snapshot(webui.model)
+    webui.scripts.load_scripts()
+    (_, first), = webui.scripts.scripts_data
+    first.session.merge(Recipe(model_a="a.safetensors", model_b="b.safetensors", alpha=0.5))
+    webui.script_callbacks.clear_callbacks()
+    webui.scripts.load_scripts()
+    (_, second), = webui.scripts.scripts_data
+    assert second is not first and second.session is first.session
+    callbacks = webui.script_callbacks.callback_map["callbacks_model_loaded"]
+    assert [c.callback for c in callbacks] == [second.host.model_loaded]
+    assert second.session.restore() > 0
+    assert _equal(live_tensors(webui.model), original) == []

@@ -42,6 +42,7 @@ import torch
 from mergers.errors import CheckpointError, MergeError
 from mergers.host import Generated, GenerationParams, ModelEntry
 from mergers.models import list_virtual_checkpoints
+from mergers.session import MergeSession
 from mergers.swap import live_tensors
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,24 @@ class A1111Modules:
     call_queue: Any  # queue_lock
     paths: Any  # models_path
     devices: Any = None  # autocast() while the empty-prompt conditioning is recomputed
+
+
+# "Reload UI" runs the extension's script again, while a merge may sit in the loaded model: the session
+# (its swapper knows what to restore) outlives the script, one per extension folder in the process.
+_SESSIONS: dict[Path, MergeSession] = {}
+
+
+def session_for(modules: "A1111Modules", *, extension_dir: Path) -> MergeSession:
+    """The session of the extension in ``extension_dir``: made once, then the same after a UI reload.
+
+    Example:
+        >>> session = session_for(A1111Modules(shared, sd_models, ...), extension_dir=Path(scripts.basedir()))
+    """
+    key = Path(extension_dir).resolve()
+    session = _SESSIONS.get(key)
+    if session is None or session.host.modules != modules:
+        session = _SESSIONS[key] = MergeSession(A1111Host(modules, extension_dir=extension_dir))
+    return session
 
 
 class A1111Host:
