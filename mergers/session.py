@@ -25,11 +25,13 @@ from typing import Any
 
 import torch
 
+from mergers.chain import load_recipe_file
 from mergers.engine import CancelToken, ProgressCallback, run_plan
 from mergers.errors import MergeError, OutputError
 from mergers.history import History, HistoryEntry, merge_name
 from mergers.host import Generated, GenerationParams, Host
 from mergers.merge import merge_to_file, open_sources
+from mergers.models import VIRTUAL_SUFFIX
 from mergers.plan import KeyStep, MergePlan, Sources, plan_merge
 from mergers.recipe import Recipe
 from mergers.swap import Swapper
@@ -100,6 +102,19 @@ class MergeSession:
             outcome = self._record(plan, swapped, time.perf_counter() - started, rewritten)
             self.current = outcome
             return outcome
+
+    def load_virtual(self, name: str, *, on_progress: ProgressCallback | None = None) -> MergeOutcome:
+        """Merge a virtual checkpoint (a saved ``NAME.recipe.json``) into the loaded model, as if the user
+        had picked a real checkpoint: its recipe streams in, key by key, and Restore undoes it.
+
+        Example:
+            >>> session.load_virtual("AB_gradv.recipe.json").summary
+        """
+        path = self.host.resolve(name)
+        if not path.name.lower().endswith(VIRTUAL_SUFFIX):
+            raise MergeError(f"{name!r} is a checkpoint file, not a saved recipe ({VIRTUAL_SUFFIX}): load it in the "
+                             "web UI's checkpoint list, or merge it as model A")
+        return self.merge(load_recipe_file(path), on_progress=on_progress)
 
     def apply_stream(self, name: str, stream: Callable[[CancelToken], Iterable[tuple[str, torch.Tensor]]], *,
                      info: Mapping[str, Any] | None = None) -> int:

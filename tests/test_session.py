@@ -153,3 +153,23 @@ def test_apply_stream_that_fails_leaves_the_model_as_it_was(folder):
     with pytest.raises(MergeError, match="broken"):
         session.apply_stream("bad", failing)
     assert all(torch.equal(live.tensors()[k], before[k]) for k in keys)
+
+
+def test_a_virtual_checkpoint_loads_into_the_model_and_restores(folder, tmp_path):
+    from mergers.virtual import save_virtual_checkpoint
+
+    live = FakeLive.load(folder / "a.safetensors")
+    session = MergeSession(LiveFolderHost(folder, live))
+    recipe = Recipe(model_a="a.safetensors", model_b="b.safetensors", weights_alpha="GRAD_V")
+    save_virtual_checkpoint(recipe, folder / "ab.recipe.json")
+    assert "ab.recipe.json" in [entry.title for entry in session.host.list_models()]
+    outcome = session.load_virtual("ab.recipe.json")
+    assert outcome.swapped and outcome.recipe.weights_alpha == recipe.weights_alpha
+    merge_to_file(recipe, tmp_path / "ref.safetensors", resolve=session.host.resolve)
+    with open_checkpoint(tmp_path / "ref.safetensors") as ref:
+        assert all(torch.equal(live.tensors()[k], ref[k]) for k in ref)
+    session.restore()
+    with open_checkpoint(folder / "a.safetensors") as original:
+        assert all(torch.equal(live.tensors()[k], original[k]) for k in original)
+    with pytest.raises(MergeError, match="not a saved recipe"):
+        session.load_virtual("b.safetensors")

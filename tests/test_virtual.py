@@ -70,3 +70,9 @@ def test_tab_chains_by_hand_through_a_virtual_model_a(folder):
 def test_use_merge_as_model_a_needs_a_merge(folder):
     actions = TabActions(MergeSession(FolderHost(folder)))
     assert "merge first" in actions.use_merge_as_model_a({})[MESSAGE]
+
+
+def test_load_model_a_needs_a_saved_recipe(folder):
+    actions = TabActions(MergeSession(FolderHost(folder)))
+    assert "pick a saved recipe" in actions.load_model_a({"model_a": None})[MESSAGE]
+    assert "not a saved recipe" in actions.load_model_a({"model_a": "a.safetensors"})[MESSAGE]

@@ -199,6 +199,14 @@ class TabActions:
             return estimate(recipe, sources).text()
 
     @shows_errors
+    def load_model_a(self, values: Mapping[str, Any], *, on_progress: Optional[ProgressCallback] = None) -> dict:
+        """Model A is a saved recipe (a virtual checkpoint): merge it into the loaded model on its own."""
+        if not values.get("model_a"):
+            raise MergeError("pick a saved recipe (a .recipe.json model) as model A first")
+        outcome = self.session.load_virtual(values["model_a"], on_progress=on_progress)
+        return {MESSAGE: as_message(f"loaded the saved recipe: {outcome.summary}"), HISTORY: self.history_rows()}
+
+    @shows_errors
     def use_merge_as_model_a(self, values: Mapping[str, Any]) -> dict:
         """Chain by hand: keep the current merge as a saved recipe (a virtual checkpoint, a few KB)
         beside the checkpoints and pick it as model A, so the next merge takes its result as A."""

@@ -66,7 +66,10 @@ def models_section(w: Widgets, titles: list[str]) -> None:
         add(w, "model_c", choices=titles, interactive=False)
         w["refresh_models"] = gr.Button("Refresh", size="sm", scale=0, min_width=80)
     # Chaining by hand: the current merge becomes model A as a saved recipe (handlers.use_merge_as_model_a).
-    w["use_merge_as_a"] = gr.Button("Use the current merge as model A", size="sm")
+    with gr.Row():
+        w["use_merge_as_a"] = gr.Button("Use the current merge as model A", size="sm")
+        # A virtual checkpoint picked as model A, merged into the loaded model (handlers.load_model_a).
+        w["load_model_a"] = gr.Button("Load model A (a saved recipe) into the model", size="sm")
     w[ARCH_INFO] = gr.Markdown("")
 
 

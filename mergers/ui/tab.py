@@ -177,6 +177,7 @@ def _bind_choices(w: Widgets, actions: TabActions) -> None:
     bind(w["model_a"].change, actions.change_model_a, w, ("model_a", "include_exclude_blocks"), layout_outputs)
     bind(w["refresh_models"].click, actions.refresh_models, w, (), ("model_a", "model_b", "model_c", MESSAGE))
     bind(w["use_merge_as_a"].click, actions.use_merge_as_model_a, w, (), ("model_a", "model_b", "model_c", MESSAGE))
+    bind(w["load_model_a"].click, actions.load_model_a, w, ("model_a",), (MESSAGE, HISTORY), progress=True)
 
 
 def _bind_weights(w: Widgets, actions: TabActions) -> None:
