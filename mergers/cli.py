@@ -219,13 +219,18 @@ def _size_text(size: int) -> str:
 
 def run_info(args) -> int:
     with open_checkpoint(args.file) as ckpt:
-        info = checkpoint_info(ckpt)
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        for name, value in info.items():
-            print(f"{name:>14}: {value if not isinstance(value, (dict, list)) else json.dumps(value)}")
+        print_facts(checkpoint_info(ckpt), as_json=args.json)
     return 0
+
+
+def print_facts(facts: dict, *, as_json: bool) -> None:
+    """An ``info`` command's facts: JSON, or one aligned ``name: value`` line each."""
+    if as_json:
+        print(json.dumps(facts, indent=2))
+        return
+    width = max(map(len, facts), default=0)
+    for name, value in facts.items():
+        print(f"{name:>{width}}: {value if not isinstance(value, (dict, list)) else json.dumps(value)}")
 
 
 def checkpoint_info(ckpt) -> dict:

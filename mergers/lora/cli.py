@@ -8,10 +8,9 @@ Example:
 
 from __future__ import annotations
 
-import json
-
 from tqdm import tqdm
 
+from mergers.cli import print_facts
 from mergers.lora.apply import loras_to_checkpoint
 from mergers.lora.blocks import parse_entry
 from mergers.lora.extract import DEFAULT_RANK, extract_lora
@@ -109,12 +108,7 @@ def run_extract(args) -> int:
 
 def run_info(args) -> int:
     with open_lora(args.file) as lora:
-        info = lora_info(lora)
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        for name, value in info.items():
-            print(f"{name:>12}: {value}")
+        print_facts(lora_info(lora), as_json=args.json)
     return 0
 
 
