@@ -52,15 +52,13 @@ from mergers.errors import (
 from mergers.hashing import cached_sha256, sha256_of_file
 from mergers.host import GenerationParams
 from mergers.recipe import Recipe
-from mergers.session import MergeBusy, MergeOutcome, MergeSession
+from mergers.session import MergeBusy, MergeOutcome, MergeSession, file_stem
 from mergers.weights import load_presets
 
 PREFIX = "/supermerger/v1"
 TAG = "SuperMerger"
 SHORTHASH_LENGTH = 10  # A1111's short hash: the first 10 hex digits of the sha256
 HISTORY_LIMIT = 100  # the tab shows at most 100 rows too
-UNSAFE_FILE_CHARS = re.compile(r"[^\w.+=\-\[\]]")  # as the tab's default file name: the original's rule
-MAX_FILE_STEM = 200
 RECIPE_MODEL_FIELDS = ("model_a", "model_b", "model_c", "bake_vae")
 ROLES = ("model_a", "model_b", "model_c")
 
@@ -314,7 +312,7 @@ def check_output(session: MergeSession, name: str, overwrite: bool) -> Path:
 def default_output(outcome: MergeOutcome) -> str:
     """The merge's name as a file name, as the tab's Save makes it (spaces dropped); a dot left
     at the cut would make ``..`` with the extension, which output names may not hold."""
-    return UNSAFE_FILE_CHARS.sub("_", outcome.name.replace(" ", ""))[:MAX_FILE_STEM].rstrip(".")
+    return file_stem(outcome.name)
 
 
 # --- progress and the one-merge-at-a-time slot -----------------------------------------------

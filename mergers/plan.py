@@ -251,7 +251,8 @@ def _out_dtype(dtype: torch.dtype, ctx: _Context) -> torch.dtype:
 
 
 def _kept_by_prune(key: str, arch: Architecture) -> bool:
-    keep = PRUNE_KEEP[PRUNE_FAMILY[arch.layout]]
+    # The refiner shares SD1's block layout but keeps its text encoder under "conditioner."
+    keep = PRUNE_KEEP["sdxl" if arch.family == "sdxl_refiner" else PRUNE_FAMILY[arch.layout]]
     return any(part in key for part in keep)
 
 

@@ -38,9 +38,24 @@ from mergers.swap import Swapper
 
 # A saved file's name: letters, digits and a few marks; no folders, no "..".
 SAFE_NAME = re.compile(r"^[\w][\w .,()+=\-\[\]]*$")
+# A merge's name as a default file name, as the original makes it: spaces dropped, ",()" → "_".
+UNSAFE_FILE_CHARS = re.compile(r"[^\w.+=\-\[\]]")
+MAX_FILE_STEM = 200
+
+
+def file_stem(name: str) -> str:
+    """``name`` as a file name stem that ``output_path`` accepts (the original's rule, made safe).
+
+    Example:
+        >>> file_stem("a x 0.5 + b x 0.5")
+        'ax0.5+bx0.5'
+    """
+    stem = UNSAFE_FILE_CHARS.sub("_", name.replace(" ", ""))[:MAX_FILE_STEM]
+    # No ".." with the extension after a cut, and a word character first, as SAFE_NAME wants.
+    return stem.rstrip(".").lstrip(".+=-[]") or "merge"
 # A partial re-merge (only_changed) needs everything but the per-key ratios to be the same.
-SAME_FOR_PARTIAL = ("model_a", "model_b", "model_c", "mode", "calcmode", "gamma", "seed", "dtype", "prune",
-                    "reset_clip", "bake_vae")
+SAME_FOR_PARTIAL = ("model_a", "model_b", "model_c", "more_models", "mode", "calcmode", "gamma", "seed", "dtype",
+                    "prune", "reset_clip", "bake_vae")
 
 
 class MergeBusy(MergeError):

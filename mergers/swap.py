@@ -226,13 +226,10 @@ class Swapper:
     def _put_back(self, keys: Collection[str], tensors: Mapping[str, torch.Tensor]) -> int:
         """Copy the originals of ``keys`` back: from RAM if saved there, else from the source file.
 
-        Keys the live model no longer shows are the host's again (A1111: a VAE the user picked since
-        replaced the merged one), so they are forgotten, not restored over what the host put there.
+        Keys the live model does not show now are skipped, not restored over what the host put there
+        (A1111: a VAE the user picked since); they stay marked as changed, since the host may bring the
+        merged values back later (A1111 keeps the VAE it replaced and restores it when the pick is undone).
         """
-        gone = [key for key in keys if key not in tensors]
-        for key in gone:
-            self._changed.discard(key)
-            self._backups.pop(key, None)
         keys = [key for key in keys if key in tensors]
         if not keys:
             return 0

@@ -336,3 +336,15 @@ def test_is_finite_is_exact_even_when_a_sum_overflows():
     big = torch.full((10_000,), 60000.0, dtype=torch.float16)  # finite, but the sum overflows fp16
     assert is_finite(big) and is_finite(torch.zeros(0)) and is_finite(torch.arange(3))
     assert not is_finite(torch.tensor([1.0, float("inf")])) and not is_finite(torch.tensor([float("nan")]))
+
+
+
+def test_prune_keeps_the_sdxl_refiners_text_encoder():
+    """The refiner merges with SD1's 26 blocks, but its text encoder lives under "conditioner."."""
+    from mergers.arch import Architecture
+    from mergers.plan import _kept_by_prune
+
+    refiner = Architecture("sdxl_refiner")
+    assert _kept_by_prune("conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight", refiner)
+    assert _kept_by_prune("model.diffusion_model.out.2.weight", refiner)
+    assert not _kept_by_prune("model_ema.decay", refiner)

@@ -70,6 +70,8 @@ def test_same_but_ratios_lists_what_may_differ():
     assert same_but_ratios(BASE, BASE.with_changes(weights_alpha="FLAT_25", elemental="IN01::0", adjust="1"))
     assert not same_but_ratios(BASE, BASE.with_changes(calcmode="cosineA"))
     assert not same_but_ratios(BASE, BASE.with_changes(dtype="fp16"))
+    ties = BASE.with_changes(mode="ties", model_c="c.safetensors", more_models=("d.safetensors",))
+    assert not same_but_ratios(ties, ties.with_changes(more_models=("e.safetensors",)))  # D changes every key
 
 
 def test_keep_unwritten_leaves_earlier_changes_in_place(tmp_path):

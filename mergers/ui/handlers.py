@@ -36,7 +36,7 @@ from mergers.keyfilter import filter_choices
 from mergers.merge import open_sources
 from mergers.methods.modes import MODES, calcmodes_for, method_for
 from mergers.recipe import Recipe
-from mergers.session import MergeSession
+from mergers.session import MergeSession, file_stem
 from mergers.ui.fields import field_value, params_from_ui, recipe_from_ui, short_model_name, ui_from_recipe
 from mergers.virtual import save_virtual_checkpoint, virtual_file_name
 from mergers.weights import BlockWeights, load_presets, parse_weights
@@ -54,8 +54,6 @@ HISTORY_ROWS = 100  # the original offers 20…100 rows
 SD1_BLOCKS, SDXL_BLOCKS = block_ids("sd1"), block_ids("sdxl")
 HIDDEN_FOR_SDXL = tuple(b for b in SD1_BLOCKS if b not in SDXL_BLOCKS)  # IN09–IN11, OUT09–OUT11
 MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>#|~])")  # what would format inline text
-UNSAFE_FILE_CHARS = re.compile(r"[^\w.+=\-\[\]]")  # the original: spaces dropped, ",()" → "_"
-MAX_FILE_STEM = 200
 HASH_SUFFIX = re.compile(r"\s*\[[^]]*\]$")  # A1111's title "a.safetensors [0123456789]"
 
 
@@ -213,7 +211,7 @@ class TabActions:
         current = self.session.current
         if current is None or current.recipe is None:
             raise MergeError("nothing to chain: merge first, then use the merge as model A")
-        name = UNSAFE_FILE_CHARS.sub("_", current.name.replace(" ", ""))[:MAX_FILE_STEM] or "merge"
+        name = file_stem(current.name)
         path = save_virtual_checkpoint(current.recipe, self.host.models_dir / virtual_file_name(name), overwrite=True)
         titles = self.model_titles()
         title = self.title_for(str(path))
@@ -266,8 +264,7 @@ class TabActions:
         """The current merge's name as a file name, as the original makes it."""
         if self.session.current is None:
             raise MergeError("nothing to save: merge first")
-        stem = UNSAFE_FILE_CHARS.sub("_", self.session.current.name.replace(" ", ""))
-        return stem[:MAX_FILE_STEM].rstrip(".")  # a cut before the extension must not leave ".."
+        return file_stem(self.session.current.name)
 
     # --- history ------------------------------------------------------------------
 
