@@ -11,14 +11,13 @@ import torch
 
 from mergers.chain import RecipeCheckpoint, describe, leaf_names, load_recipe_file, open_model
 from mergers.checkpoint import open_checkpoint
-from mergers.demo import tiny_state_dict
 from mergers.errors import CheckpointError, RecipeError
 from mergers.merge import merge_stream, merge_to_file, resolve_path
 from mergers.metadata import stored_recipe
 from mergers.methods import modes, registry
 from mergers.models import find_model
 from mergers.recipe import MAX_CHAIN_DEPTH, Recipe
-from mergers.writer import save_checkpoint
+from tests.ui_host import SD1_ABCD, write_models
 
 
 @pytest.fixture(autouse=True)
@@ -28,12 +27,7 @@ def _hash_cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def models(tmp_path):
-    paths = []
-    for seed, name in enumerate("abcd", start=1):
-        path = tmp_path / f"{name}.safetensors"
-        save_checkpoint(path, tiny_state_dict("sd1", seed=seed))
-        paths.append(path)
-    return paths
+    return write_models(tmp_path, SD1_ABCD)
 
 
 def tensors_of(path):

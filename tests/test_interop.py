@@ -14,7 +14,7 @@ from mergers.interop import describe_stored_recipes, parent_tree, rerunnable_rec
 from mergers.merge import merge_to_file, open_sources
 from mergers.models import find_model
 from mergers.recipe import Recipe
-from mergers.writer import save_checkpoint
+from tests.ui_host import SD1_ABCD, write_models
 
 SHA = {name: name * 64 for name in "abcdef"}
 
@@ -26,12 +26,7 @@ def _hash_cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def models(tmp_path):
-    paths = []
-    for seed, name in enumerate("abcd", start=1):
-        path = tmp_path / f"{name}.safetensors"
-        save_checkpoint(path, tiny_state_dict("sd1", seed=seed))
-        paths.append(path)
-    return paths
+    return write_models(tmp_path, SD1_ABCD)
 
 
 def a1111_metadata(method="Add difference", **extra):

@@ -37,11 +37,15 @@ IMAGE_SIZE = 64  # the fake preview's width and height, whatever the params ask
 SHORTHASH_DIGITS = 10
 
 
-def write_models(folder: Path) -> list[Path]:
-    """The tiny checkpoints of :data:`MODELS` in ``folder`` (written once)."""
+# Four tiny SD1 models a, b, c, d (seeds 1–4), for chained recipes and the like.
+SD1_ABCD = {f"{name}.safetensors": ("sd1", seed) for seed, name in enumerate("abcd", start=1)}
+
+
+def write_models(folder: Path, models: Mapping[str, tuple[str, int]] = MODELS) -> list[Path]:
+    """The tiny checkpoints of ``models`` (file name → family, seed) in ``folder`` (written once)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, (family, seed) in MODELS.items():
+    for name, (family, seed) in models.items():
         path = folder / name
         if not path.exists():
             save_checkpoint(path, tiny_state_dict(family, seed=seed))
