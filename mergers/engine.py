@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_READAHEAD_BYTES = 128 * 1024 * 1024
 
 ProgressCallback = Callable[[int, int, str], None]
+OutFor = Callable[[str], Optional[torch.Tensor]]  # key → the tensor its result ends up in, or None
 
 
 class CancelToken(Protocol):
@@ -62,8 +63,13 @@ def run_plan(plan: MergePlan, sources: Sources, *, device: Optional[str] = None,
              output_device: str = "cpu", on_progress: Optional[ProgressCallback] = None,
              cancel: Optional[CancelToken] = None,
              readahead_bytes: int = DEFAULT_READAHEAD_BYTES,
-             warnings: Optional[list[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+             warnings: Optional[list[str]] = None,
+             out_for: Optional[OutFor] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, tensor)`` for every planned output key, in plan order.
+
+    ``out_for(key)`` may name the tensor a merged key is finally copied into (a loaded
+    model's parameter): where its dtype, shape and device fit, the method writes its
+    result straight there and that tensor is yielded, saving a full copy of the model.
 
     A merged key holding NaN or Inf is logged (naming the input that brought
     it) and appended to ``warnings``; the merge goes on, as the original's does.
@@ -84,7 +90,8 @@ def run_plan(plan: MergePlan, sources: Sources, *, device: Optional[str] = None,
     with _Prefetcher(plan.steps, reads, readahead_bytes) as inputs, _intraop_threads(threads):
         for step, tensors in inputs:
             progress.check(step.key)
-            result = compute_step(plan, step, tensors, compute, stats)
+            target = out_for if out_for is None or step.action != "merge" else (lambda k=step.key: out_for(k))
+            result = compute_step(plan, step, tensors, compute, stats, target=target)
             if step.action == "merge" and not is_finite(result):
                 _warn_non_finite(step.key, tensors, warnings)
             yield step.key, result.to(output_device)
@@ -142,14 +149,15 @@ def _warn_non_finite(key: str, tensors: list[torch.Tensor], warnings: Optional[l
 
 
 def compute_step(plan: MergePlan, step: KeyStep, tensors: list[torch.Tensor],
-                 device: torch.device, stats: Optional[dict] = None) -> torch.Tensor:
-    """The output tensor of one step, in its planned dtype."""
+                 device: torch.device, stats: Optional[dict] = None, *,
+                 target: Optional[Callable[[], Optional[torch.Tensor]]] = None) -> torch.Tensor:
+    """The output tensor of one step, in its planned dtype (written into ``target()`` where it fits)."""
     if step.action == "clip_ids":
         return torch.arange(step.spec.shape[-1], dtype=torch.int64).reshape(step.spec.shape)
     if step.action != "merge":
         return tensors[0].to(step.spec.dtype)
     try:
-        return _merge_tensors(plan, step, tensors, device, stats or {}).to(step.spec.dtype)
+        return _merge_tensors(plan, step, tensors, device, stats or {}, target).to(step.spec.dtype)
     except (RuntimeError, ValueError) as error:  # name the key, not a frame deep inside torch
         raise MergeError(f"merging {step.key!r} failed: {error}") from error
 
@@ -189,13 +197,14 @@ def _intraop_threads(count: int) -> Iterator[None]:
 
 
 def _merge_tensors(plan: MergePlan, step: KeyStep, tensors: list[torch.Tensor],
-                   device: torch.device, stats: dict) -> torch.Tensor:
+                   device: torch.device, stats: dict,
+                   target: Optional[Callable[[], Optional[torch.Tensor]]] = None) -> torch.Tensor:
     dtype = _compute_dtype(plan.method.precision, tensors)
     inputs = [t.to(device=device, dtype=dtype, non_blocking=True) for t in tensors]
     if step.channels is not None:  # inpainting A: merge the channels the models share
         inputs = [t[:, : step.channels] for t in inputs]
     params = {"alpha": step.alpha, "beta": step.beta, "gamma": plan.recipe.gamma, "seed": plan.recipe.seed,
-              "key": step.key, "out": _result_buffer(plan, step, inputs, tensors), **stats}
+              "key": step.key, "out": _result_buffer(plan, step, inputs, tensors, target), **stats}
     merged = plan.method.func(*inputs, **{name: params[name] for name in plan.method.params})
     if step.adjust is not None:
         merged = step.adjust(merged)
@@ -206,17 +215,28 @@ def _merge_tensors(plan: MergePlan, step: KeyStep, tensors: list[torch.Tensor],
     return full
 
 
-def _result_buffer(plan: MergePlan, step: KeyStep, inputs: list[torch.Tensor],
-                   tensors: list[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A reused buffer for a method that computes ``out=`` (None where it would not be used):
-    a fresh result is a fresh mmap whose pages all fault, ~1/3 of a merge's system time."""
+def _result_buffer(plan: MergePlan, step: KeyStep, inputs: list[torch.Tensor], tensors: list[torch.Tensor],
+                   target: Optional[Callable[[], Optional[torch.Tensor]]] = None) -> Optional[torch.Tensor]:
+    """Where a method that computes ``out=`` writes (None where it would not be used): the final
+    target if it fits, else a reused buffer — a fresh result is a fresh mmap whose pages all fault,
+    ~1/3 of a merge's system time."""
     pool = getattr(tensors, "pool", None)  # set by _Prefetcher on the inputs it read
     if pool is None or "out" not in plan.method.params or step.channels is not None:
         return None
     first = inputs[0]
     if first.device.type != "cpu" or any(t.shape != first.shape or t.dtype != first.dtype for t in inputs):
         return None
+    if target is not None and first.dtype == step.spec.dtype and step.adjust is None:
+        final = target()
+        if final is not None and _fits(final, first):
+            return final
     return pool.tensor(first.dtype, tuple(first.shape))
+
+
+def _fits(final: torch.Tensor, like: torch.Tensor) -> bool:
+    """``final`` can take a result shaped like ``like`` as an ``out=`` (contiguous, same kind, no autograd)."""
+    return (final.device == like.device and final.dtype == like.dtype and final.shape == like.shape
+            and final.is_contiguous() and not final.requires_grad and not final.is_inference())
 
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from mergers.chain import RecipeCheckpoint, input_files, opened_sources, portable_recipe
-from mergers.engine import CancelToken, ProgressCallback, run_plan
+from mergers.engine import CancelToken, OutFor, ProgressCallback, run_plan
 from mergers.errors import CheckpointError
 from mergers.metadata import RECIPE_KEY, merge_metadata
 from mergers.plan import MergePlan, Sources, plan_merge
@@ -116,8 +116,10 @@ def _hash_placeholders(sources: Sources) -> dict[int, str]:
 
 def merge_stream(recipe: Recipe, *, resolve: Resolver = resolve_path, device: Optional[str] = None,
                  output_device: str = "cpu", on_progress: Optional[ProgressCallback] = None,
-                 cancel: Optional[CancelToken] = None) -> Iterator[tuple[str, "object"]]:
-    """Merge per ``recipe`` and yield ``(key, tensor)`` pairs, e.g. to copy into a loaded model.
+                 cancel: Optional[CancelToken] = None,
+                 out_for: Optional[OutFor] = None) -> Iterator[tuple[str, "object"]]:
+    """Merge per ``recipe`` and yield ``(key, tensor)`` pairs, e.g. to copy into a loaded model
+    (``out_for``: see ``run_plan``).
 
     Example:
         >>> for key, tensor in merge_stream(recipe):
@@ -126,4 +128,4 @@ def merge_stream(recipe: Recipe, *, resolve: Resolver = resolve_path, device: Op
     with open_sources(recipe, resolve, device=device) as sources:
         plan = plan_merge(recipe, sources)
         yield from run_plan(plan, sources, device=device, output_device=output_device,
-                            on_progress=on_progress, cancel=cancel)
+                            on_progress=on_progress, cancel=cancel, out_for=out_for)

@@ -239,7 +239,7 @@ class MergeSession:
         if self._swapper is None or self._swapper.live is not live:
             self._swapper = Swapper(live)
         stream = run_plan(plan, sources, on_progress=on_progress, cancel=self._cancel,
-                          output_device="cpu")
+                          output_device="cpu", out_for=self._swapper.target_for)
         with self.host.lock():
             self._swapper.apply(stream, cancel=self._cancel, keep_unwritten=keep_unwritten)
         return True

@@ -86,6 +86,7 @@ class Swapper:
         self._changed: set[str] = set()  # keys whose live tensor differs from the original
         self._backups: dict[str, torch.Tensor] = {}  # CPU originals of changed keys the source file lacks
         self._stamp: _FileStamp | None = None  # the source file as it was when the first key changed
+        self._applying: _Applying | None = None  # set while apply() runs: what target_for needs
 
     @property
     def merged(self) -> bool:
@@ -120,8 +121,10 @@ class Swapper:
         try:
             try:
                 tensors = self.live.tensors()
+                self._applying = _Applying(tensors, self._source_shapes(), calls)
                 written, missing = self._write_all(iterator, tensors, calls, cancel)
             finally:
+                self._applying = None
                 _close(iterator)  # a stopped merge stream closes its files and reader thread now
             stale = set() if keep_unwritten else self._changed - written
             reverted = self._revert_stale(stale, tensors, calls)
@@ -148,11 +151,28 @@ class Swapper:
         finally:
             calls.end(merged=self.merged)
 
+    def target_for(self, key: str) -> torch.Tensor | None:
+        """The live tensor of ``key``, ready to be written directly (the engine's ``out_for``), or None.
+
+        Only while ``apply`` consumes the stream: the original is accounted for first (the file
+        gives it back, or a RAM copy is taken), so a merge that fails half way is still put back.
+
+        Example:
+            >>> swapper.apply(run_plan(plan, sources, out_for=swapper.target_for))
+        """
+        state = self._applying
+        target = state.tensors.get(key) if state is not None else None
+        if target is None or target.is_inference():
+            return None
+        state.calls.begin()
+        self._remember(key, target, state.sources)
+        return target.detach()  # a view without autograd: out= may write it
+
     # apply -----------------------------------------------------------------
 
     def _write_all(self, pairs: Iterator[tuple[str, torch.Tensor]], tensors: Mapping[str, torch.Tensor],
                    calls: _HostCalls, cancel: CancelToken | None) -> tuple[set[str], list[str]]:
-        sources = self._source_shapes()
+        sources = self._applying.sources
         written: set[str] = set()
         missing: list[str] = []
         for key, tensor in pairs:
@@ -276,6 +296,15 @@ class Swapper:
 
 
 @dataclass(frozen=True)
+class _Applying:
+    """What one running ``apply`` knows: the live tensors, the source file's shapes, the host calls."""
+
+    tensors: Mapping[str, torch.Tensor]
+    sources: Mapping[str, tuple[int, ...]]
+    calls: _HostCalls
+
+
+@dataclass(frozen=True)
 class _FileStamp:
     """Which file, and which version of it: restore refuses to read back from a file rewritten since."""
 
@@ -328,10 +357,17 @@ def _target(tensors: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
 def _copy(target: torch.Tensor, tensor: torch.Tensor) -> None:
     """In place, so the model's parameter objects (and whatever holds them) stay the same."""
     # A tensor made under inference_mode (as some hosts load buffers) accepts writes only there.
+    if _same_memory(target, tensor):
+        return  # the merge was computed straight into the live tensor (Swapper.target_for)
     with torch.inference_mode() if target.is_inference() else torch.no_grad():
         # Pageable CPU memory is staged before copy_ returns, so the source may be freed at once;
         # the device work is waited for once, in _synchronize, not once per key.
         target.copy_(tensor, non_blocking=target.is_cuda)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.device == b.device and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+            and a.dtype == b.dtype and a.stride() == b.stride())
 
 
 def _synchronize(tensors: Iterable[torch.Tensor]) -> None:

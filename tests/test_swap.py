@@ -557,3 +557,54 @@ def test_repeated_merges_through_the_session_do_not_grow_memory(tmp_path, monkey
     warmed = cycles(5)
     after = cycles(25)
     assert after - warmed < 24 * 2**20, f"RSS grew by {(after - warmed) / 2**20:.1f} MiB over 25 merge/restore cycles"
+
+
+# merging straight into the live tensors ------------------------------------------
+def shares_live_memory(live, pairs):
+    """Pass ``pairs`` through, noting per key whether the tensor is the live tensor's own memory."""
+    tensors, seen = live.tensors(), {}
+
+    def stream():
+        for key, tensor in pairs:
+            seen[key] = tensor.data_ptr() == tensors[key].data_ptr()
+            yield key, tensor
+
+    return stream(), seen
+
+
+def test_a_weight_sum_is_computed_straight_into_the_live_tensors(models, files):
+    """No copy of the model: the engine writes each merged key into its live parameter (target_for)."""
+    live = FakeLive.load(models["a"])
+    next(iter(live.module.parameters())).requires_grad_(True)  # out= must not trip autograd
+    swapper = Swapper(live)
+    stream, seen = shares_live_memory(live, merge_stream(recipe(models, 0.3), out_for=swapper.target_for))
+    report = swapper.apply(stream)
+    assert_same(live, files["ab3"])
+    merged = [key for key, direct in seen.items() if direct]
+    assert len(merged) > 0.9 * report.changed  # every merged float key; copied keys (ids) go the usual way
+    original = read_file(models["a"])
+    swapper.restore()
+    assert_original(live, original)
+
+
+def test_a_direct_merge_that_fails_half_way_puts_back_the_key_it_was_writing(models):
+    """The key being computed when the stream fails was already written in place: it is restored too."""
+    live = FakeLive.load(models["a"])
+    original = live.snapshot()
+    swapper = Swapper(live)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        swapper.apply(failing_after(merge_stream(recipe(models, 0.3), out_for=swapper.target_for), 40,
+                                    RuntimeError("disk gone")))
+    assert_original(live, original)
+    assert not swapper.merged
+
+
+def test_target_for_gives_nothing_outside_apply_and_for_inference_tensors(models):
+    live = FakeLive.load(models["a"])
+    swapper = Swapper(live)
+    assert swapper.target_for(OUT_WEIGHT) is None  # no apply running: nothing to account the original to
+    with torch.inference_mode():
+        frozen = torch.zeros(2)
+    live.tensors = lambda: {OUT_WEIGHT: frozen}
+    swapper._applying = swap._Applying(live.tensors(), {}, swap._HostCalls(live))
+    assert swapper.target_for(OUT_WEIGHT) is None  # writable only inside inference_mode: copied as before
