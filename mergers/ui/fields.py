@@ -42,7 +42,9 @@ GENERATION_PREFIX = "gen."
 # The original's defaults for its two weight boxes: 26 × 0.5 for alpha, 26 × 0.2 for beta.
 DEFAULT_WEIGHTS_ALPHA = ",".join(["0.5"] * len(block_ids("sd1")))
 DEFAULT_WEIGHTS_BETA = ",".join(["0.2"] * len(block_ids("sd1")))
-WEIGHTS_INFO = "BASE,IN00,…,IN11,M00,OUT00,…,OUT11 (20 values for SDXL), a preset name, or 'ALL:0.5, OUT:1'"
+WEIGHTS_INFO = ("BASE,IN00,…,IN11,M00,OUT00,…,OUT11 (20 values for SDXL; Flux: 61 values CLIP,T5,IN,D00,…,D18,"
+                "S00,…,S37,OUT; SD3: 28, SD3.5 Large: 42 values CLIP,T5,IN,J00,…,OUT), a preset name, "
+                "or 'ALL:0.5, OUT:1'")
 
 
 @dataclass(frozen=True)

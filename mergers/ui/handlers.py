@@ -53,6 +53,17 @@ HISTORY_HEADERS = ("ID", "time", "name", "mode", "models")
 HISTORY_ROWS = 100  # the original offers 20…100 rows
 SD1_BLOCKS, SDXL_BLOCKS = block_ids("sd1"), block_ids("sdxl")
 HIDDEN_FOR_SDXL = tuple(b for b in SD1_BLOCKS if b not in SDXL_BLOCKS)  # IN09–IN11, OUT09–OUT11
+FLUX_BLOCKS, SD3_BLOCKS, SD3_LARGE_BLOCKS = block_ids("flux"), block_ids("sd3"), block_ids("sd3_large")
+# The block sliders in the groups the tab shows or hides as one: (group, its blocks in slider order).
+# One slider per block name: Flux and SD3 share CLIP, T5, IN and OUT, SD3 and SD3.5 Large J00–J23.
+SLIDER_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("unet", SD1_BLOCKS),  # SD1, SD2, the SDXL refiner and (without IN09–IN11, OUT09–OUT11) SDXL
+    ("transformer", ("CLIP", "T5", "IN", "OUT")),  # Flux and SD3: text encoders, input and output layers
+    ("flux_double", tuple(b for b in FLUX_BLOCKS if b.startswith("D"))),
+    ("flux_single", tuple(b for b in FLUX_BLOCKS if b.startswith("S"))),
+    ("sd3_joint", tuple(b for b in SD3_BLOCKS if b.startswith("J"))),
+    ("sd3_large_joint", tuple(b for b in SD3_LARGE_BLOCKS if b.startswith("J") and b not in SD3_BLOCKS)),
+)
 MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>#|~])")  # what would format inline text
 HASH_SUFFIX = re.compile(r"\s*\[[^]]*\]$")  # A1111's title "a.safetensors [0123456789]"
 
@@ -67,7 +78,49 @@ def slider_name(block: str) -> str:
     return f"block.{block}"
 
 
-SLIDER_NAMES = tuple(slider_name(b) for b in SD1_BLOCKS)
+def group_name(group: str) -> str:
+    """The output name of a group of block sliders (a column the tab shows or hides).
+
+    Example:
+        >>> group_name("flux_double")
+        'block_group.flux_double'
+    """
+    return f"block_group.{group}"
+
+
+def group_shown(blocks: tuple[str, ...], layout: str) -> bool:
+    """Whether a slider group holds any block of ``layout``.
+
+    Example:
+        >>> group_shown(("CLIP", "T5", "IN", "OUT"), "sdxl")
+        False
+    """
+    return not set(blocks).isdisjoint(block_ids(layout))
+
+
+SLIDER_NAMES = tuple(slider_name(b) for _, blocks in SLIDER_GROUPS for b in blocks)  # every layout's sliders
+# What model A's layout changes: which groups are shown, and which sliders within them.
+VISIBILITY_OUTPUTS = (*(group_name(g) for g, _ in SLIDER_GROUPS), *SLIDER_NAMES)
+
+
+def slider_visibility(layout: str) -> dict[str, Any]:
+    """Show the slider groups of ``layout`` and within them its blocks' sliders, hide the other groups.
+
+    A hidden group's sliders are left as they are: they are out of sight with it, and get their own
+    visibility when a layout shows the group again.
+
+    Example:
+        >>> slider_visibility("sdxl")["block.IN09"]["visible"], "block.D00" in slider_visibility("sdxl")
+        (False, False)
+    """
+    shown = set(block_ids(layout))
+    updates: dict[str, Any] = {}
+    for group, blocks in SLIDER_GROUPS:
+        visible = group_shown(blocks, layout)
+        updates[group_name(group)] = gr.update(visible=visible)
+        if visible:
+            updates.update({slider_name(b): gr.update(visible=b in shown) for b in blocks})
+    return updates
 
 
 def as_message(text: str) -> str:
@@ -142,9 +195,7 @@ class TabActions:
         chosen = [b for b in values.get("include_exclude_blocks") or () if b in choices]
         outputs = {LAYOUT: layout, ARCH_INFO: as_message(label),
                    "include_exclude_blocks": gr.update(choices=choices, value=chosen)}
-        for block in HIDDEN_FOR_SDXL:
-            outputs[slider_name(block)] = gr.update(visible=layout != "sdxl")
-        return outputs
+        return {**outputs, **slider_visibility(layout)}
 
     # --- mode ---------------------------------------------------------------------
 

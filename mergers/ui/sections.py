@@ -29,8 +29,10 @@ from mergers.ui.handlers import (
     OVERWRITE,
     PRESET,
     SAVE_NAME,
-    SD1_BLOCKS,
+    SLIDER_GROUPS,
     as_message,
+    group_name,
+    group_shown,
     preset_names,
     slider_name,
 )
@@ -45,6 +47,13 @@ GENERATION_BY_NAME = {f.name: f for f in GENERATION_FIELDS}
 BUTTONS = (("merge", "Merge", "primary"), ("merge_and_gen", "Merge and Gen", "primary"), ("gen", "Gen", "secondary"),
            ("stop", "Stop", "stop"), ("restore", "Restore original", "secondary"))
 BLOCK_SLIDER = {"minimum": -1.0, "maximum": 2.0, "step": 0.001, "value": 0.5}  # as the alpha slider
+# The transformer blocks' groups (Flux's 19 double and 38 single blocks, SD3's 24 joint blocks and the
+# 14 more of SD3.5 Large), each in a few columns rather than one long one.
+TRANSFORMER_HEADINGS = {"flux_double": "Flux double blocks (D00–D18)", "flux_single": "Flux single blocks (S00–S37)",
+                        "sd3_joint": "SD3 joint blocks (J00–J23)", "sd3_large_joint": "SD3.5 Large joint blocks (J24–J37)"}
+GROUP_BLOCKS = dict(SLIDER_GROUPS)
+SLIDER_COLUMNS = 4
+SLIDER_MIN_WIDTH = 120  # Gradio's default column width (320) would wrap four columns in the tab's left part
 
 
 def component(name: str, **overrides) -> Any:
@@ -93,7 +102,7 @@ def buttons_section(w: Widgets) -> None:
 
 
 def block_weights_section(w: Widgets) -> None:
-    """"Merging Block Weights": use MBW, the two weight boxes, presets, Set/Read and 26 sliders."""
+    """"Merging Block Weights": use MBW, the two weight boxes, presets, Set/Read and the block sliders."""
     with gr.Accordion("Merging Block Weights", open=True):
         add(w, "use_block_weights", "weights_alpha", "weights_beta")
         w[PRESET] = gr.Dropdown(choices=preset_names(), value=None, label="Select preset")
@@ -105,15 +114,46 @@ def block_weights_section(w: Widgets) -> None:
 
 
 def block_sliders(w: Widgets) -> None:
+    """One group of sliders per block family; model A's layout shows its groups (handlers.slider_visibility)."""
+    with _slider_group(w, "unet"):
+        unet_sliders(w, GROUP_BLOCKS["unet"])
+    with _slider_group(w, "transformer"):
+        gr.Markdown("Flux and SD3: text encoders, input and output layers")
+        with gr.Row():
+            for block in GROUP_BLOCKS["transformer"]:
+                w[slider_name(block)] = gr.Slider(label=block, **BLOCK_SLIDER)
+    for group, heading in TRANSFORMER_HEADINGS.items():
+        with _slider_group(w, group):
+            gr.Markdown(heading)
+            slider_columns(w, GROUP_BLOCKS[group])
+
+
+def _slider_group(w: Widgets, group: str) -> gr.Column:
+    """The column of a slider group, shown at first when the starting layout (SD1) has its blocks."""
+    w[group_name(group)] = gr.Column(visible=group_shown(GROUP_BLOCKS[group], "sd1"))
+    return w[group_name(group)]
+
+
+def unet_sliders(w: Widgets, blocks: tuple[str, ...]) -> None:
     """BASE and M00 on top; IN00–IN11 left, OUT11–OUT00 right, as the original lays them out."""
     with gr.Row():
         for block in ("BASE", "M00"):
             w[slider_name(block)] = gr.Slider(label=block, **BLOCK_SLIDER)
     with gr.Row():
         for group in ("IN", "OUT"):
-            blocks = [b for b in SD1_BLOCKS if b.startswith(group)]
+            column = [b for b in blocks if b.startswith(group)]
             with gr.Column():
-                for block in (blocks if group == "IN" else blocks[::-1]):
+                for block in (column if group == "IN" else column[::-1]):
+                    w[slider_name(block)] = gr.Slider(label=block, **BLOCK_SLIDER)
+
+
+def slider_columns(w: Widgets, blocks: tuple[str, ...]) -> None:
+    """``blocks`` in SLIDER_COLUMNS columns, read down each column in block order."""
+    per_column = -(-len(blocks) // SLIDER_COLUMNS)  # ceiling
+    with gr.Row():
+        for start in range(0, len(blocks), per_column):
+            with gr.Column(min_width=SLIDER_MIN_WIDTH):
+                for block in blocks[start:start + per_column]:
                     w[slider_name(block)] = gr.Slider(label=block, **BLOCK_SLIDER)
 
 

@@ -25,7 +25,6 @@ from mergers.ui.fields import FIELD_NAMES, GENERATION_NAMES
 from mergers.ui.handlers import (
     ARCH_INFO,
     GALLERY,
-    HIDDEN_FOR_SDXL,
     HISTORY,
     HISTORY_ID,
     HISTORY_MATCH,
@@ -40,8 +39,8 @@ from mergers.ui.handlers import (
     SAVE_NAME,
     SLIDER_NAMES,
     TABS,
+    VISIBILITY_OUTPUTS,
     TabActions,
-    slider_name,
 )
 from mergers.ui.sections import Widgets
 
@@ -172,8 +171,7 @@ def _bind_choices(w: Widgets, actions: TabActions) -> None:
     """Mode → calc modes; model A → its architecture; refresh → the model lists."""
     for name in ("mode", "calcmode"):
         bind(w[name].change, actions.change_mode, w, ("mode", "calcmode"), METHOD_OUTPUTS)
-    layout_outputs = (LAYOUT, ARCH_INFO, "include_exclude_blocks", MESSAGE,
-                      *(slider_name(b) for b in HIDDEN_FOR_SDXL))
+    layout_outputs = (LAYOUT, ARCH_INFO, "include_exclude_blocks", MESSAGE, *VISIBILITY_OUTPUTS)
     bind(w["model_a"].change, actions.change_model_a, w, ("model_a", "include_exclude_blocks"), layout_outputs)
     bind(w["refresh_models"].click, actions.refresh_models, w, (), ("model_a", "model_b", "model_c", MESSAGE))
     bind(w["use_merge_as_a"].click, actions.use_merge_as_model_a, w, (), ("model_a", "model_b", "model_c", MESSAGE))
