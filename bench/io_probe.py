@@ -35,10 +35,20 @@ def read_file(path: Path, buffer: bytearray) -> int:
     return total
 
 
+WRITE_BACK_LAG = 64 * 1024 * 1024
+_written_back: dict[int, int] = {}  # file descriptor → where its write-back has started up to
+
+
 def write_all(file, view: memoryview) -> None:
-    """Write every byte of ``view`` (a raw file may write less than asked)."""
+    """Write every byte of ``view`` (a raw file may write less than asked), then start the disk write
+    of what lies ``WRITE_BACK_LAG`` behind, as mergers.writer.EarlyWriteBack does: the floor writes
+    the way the merger writes, so neither is held back by a flush of gigabytes at the end."""
     while view:
         view = view[file.write(view):]
+    start, end = _written_back.get(file.fileno(), 0), file.tell() - WRITE_BACK_LAG
+    if end - start >= WRITE_BACK_LAG and hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(file.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)
+        _written_back[file.fileno()] = end
 
 
 def write_file(path: Path, size: int, buffer: bytearray) -> None:

@@ -244,7 +244,7 @@ class BufferPool:
     """
 
     def __init__(self, *, keep_bytes: int, min_bytes: int = 256 * 1024):
-        self.keep_bytes = keep_bytes
+        self.keep_bytes = self._base_keep = keep_bytes
         self.min_bytes = min_bytes
         self._arrays: list[numpy.ndarray] = []
         self._lock = threading.Lock()
@@ -266,6 +266,11 @@ class BufferPool:
                 self._drop_idle(idle, room=self.keep_bytes - _size_class(nbytes))
                 array = self._allocate(_size_class(nbytes))
             return torch.from_numpy(array[:nbytes])
+
+    def keep_at_least(self, nbytes: int) -> None:
+        """Keep idle buffers up to the first ``keep_bytes`` plus ``nbytes`` (a step's working set), so a
+        step that needs more than the read-ahead (fp8 widened to fp32) reuses its buffers too."""
+        self.keep_bytes = max(self.keep_bytes, self._base_keep + nbytes)
 
     def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """An uninitialised tensor of ``dtype`` and ``shape`` in a pooled buffer."""

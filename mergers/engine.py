@@ -132,6 +132,9 @@ def is_finite(tensor: torch.Tensor) -> bool:
     """True when no element is NaN or Inf; one reduction, no full-size temporary (a fp32 sum made one)."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
+    if tensor.dtype in FP8_FIRST_NON_FINITE and tensor.device.type == "cpu":  # by code: 13× the fp16 route
+        codes = tensor.reshape(-1).view(torch.uint8) & 0x7F
+        return int(codes.max()) < FP8_FIRST_NON_FINITE[tensor.dtype]
     try:
         low, high = torch.aminmax(tensor.reshape(-1))  # NaN and ±Inf reach the min or max; no temporary
     except RuntimeError:  # fp8 has neither aminmax nor isfinite; fp16 holds all its values, NaN included
@@ -157,7 +160,8 @@ def compute_step(plan: MergePlan, step: KeyStep, tensors: list[torch.Tensor],
     if step.action != "merge":
         return tensors[0].to(step.spec.dtype)
     try:
-        return _merge_tensors(plan, step, tensors, device, stats or {}, target).to(step.spec.dtype)
+        merged = _merge_tensors(plan, step, tensors, device, stats or {}, target)
+        return _narrow(merged, step.spec.dtype, getattr(tensors, "pool", None))
     except (RuntimeError, ValueError) as error:  # name the key, not a frame deep inside torch
         raise MergeError(f"merging {step.key!r} failed: {error}") from error
 
@@ -200,7 +204,10 @@ def _merge_tensors(plan: MergePlan, step: KeyStep, tensors: list[torch.Tensor],
                    device: torch.device, stats: dict,
                    target: Optional[Callable[[], Optional[torch.Tensor]]] = None) -> torch.Tensor:
     dtype = _compute_dtype(plan.method.precision, tensors)
-    inputs = [t.to(device=device, dtype=dtype, non_blocking=True) for t in tensors]
+    pool = getattr(tensors, "pool", None)
+    if pool is not None and dtype != tensors[0].dtype:  # widened inputs and result live in the pool too
+        pool.keep_at_least(_working_set(tensors, dtype))
+    inputs = [_widen(t, dtype, device, pool) for t in tensors]
     if step.channels is not None:  # inpainting A: merge the channels the models share
         inputs = [t[:, : step.channels] for t in inputs]
     params = {"alpha": step.alpha, "beta": step.beta, "gamma": plan.recipe.gamma, "seed": plan.recipe.seed,
@@ -240,6 +247,37 @@ def _fits(final: torch.Tensor, like: torch.Tensor) -> bool:
 
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# fp8 → fp32 by table: torch's element-wise conversion ran at 0.28 G/s on one core, a 256-entry lookup at
+# 1.2 G/s, with the same bits (every fp8 value, NaN included, is exact in fp32).
+FP8_TABLES = {dtype: torch.arange(256, dtype=torch.uint8).view(dtype).float() for dtype in FP8_DTYPES}
+# fp8's non-finite codes, sign bit cleared: e4m3fn has NaN only (0x7F); e5m2 has Inf (0x7C) and NaN above it.
+FP8_FIRST_NON_FINITE = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
+
+
+def _widen(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device,
+           pool: Optional[BufferPool]) -> torch.Tensor:
+    """``tensor`` as ``dtype`` on ``device`` for the arithmetic; fp8 on the CPU through the table,
+    into a pooled buffer (no fresh pages per key)."""
+    if tensor.dtype in FP8_TABLES and dtype == torch.float32 and device.type == "cpu" and pool is not None:
+        codes = pool.tensor(torch.int32, tuple(tensor.shape))
+        codes.copy_(tensor.view(torch.uint8))
+        out = pool.tensor(torch.float32, tuple(tensor.shape))
+        torch.index_select(FP8_TABLES[tensor.dtype], 0, codes.reshape(-1), out=out.reshape(-1))
+        return out
+    return tensor.to(device=device, dtype=dtype, non_blocking=True)
+
+
+def _narrow(merged: torch.Tensor, dtype: torch.dtype, pool: Optional[BufferPool]) -> torch.Tensor:
+    """The result in its planned dtype; a narrowing on the CPU goes into a pooled buffer."""
+    if merged.dtype == dtype or pool is None or merged.device.type != "cpu":
+        return merged.to(dtype)
+    return pool.tensor(dtype, tuple(merged.shape)).copy_(merged)
+
+
+def _working_set(tensors: list[torch.Tensor], dtype: torch.dtype) -> int:
+    """Bytes one widened step holds: each input and the result in ``dtype``, and the table's indices."""
+    numel = max(t.numel() for t in tensors)
+    return numel * (torch.empty((), dtype=dtype).element_size() * (len(tensors) + 1) + 4)
 
 
 def _compute_dtype(precision: str, tensors: list[torch.Tensor]) -> torch.dtype:

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -176,7 +177,12 @@ class Recipe:
 
 def takes_any_number(method) -> bool:
     """True for a method whose function takes ``*models`` (TIES, DARE… over N fine-tunes)."""
-    return any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(method.func).parameters.values())
+    return _has_var_positional(method.func)
+
+
+@functools.cache  # planning asks once per key; inspect.signature was most of a plan's time
+def _has_var_positional(func) -> bool:
+    return any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(func).parameters.values())
 
 
 def _check(recipe: Recipe) -> None:

@@ -235,8 +235,36 @@ def test_bare_and_t5_keys_merge(tmp_path):
 
 
 def test_fp8_weight_sum(tmp_path):
+    """fp8 inputs are widened to fp32 (by table), merged and rounded to fp8 once: as torch's own route."""
     paths = [write(tmp_path, f"{n}.safetensors", small_flux(n, torch.float8_e4m3fn)) for n in (1, 2)]
-    merge_to_file(Recipe(paths[0], paths[1], mode="Weight sum"), tmp_path / "out.safetensors")
+    result = merge_to_file(Recipe(paths[0], paths[1], mode="Weight sum", alpha=0.3), tmp_path / "out.safetensors")
+    a, b, out = load(paths[0]), load(paths[1]), load(result.path)
+    merged = [key for key in out if key.endswith(".weight") and a[key].dtype == torch.float8_e4m3fn]
+    assert len(merged) > 10
+    for key in merged:
+        expected = torch.lerp(a[key].float(), b[key].float(), 0.3).to(torch.float8_e4m3fn)
+        assert torch.equal(out[key].view(torch.uint8), expected.view(torch.uint8)), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_widening_by_table_gives_torchs_bits_for_every_code(dtype):
+    from mergers.checkpoint import BufferPool
+    from mergers.engine import _widen
+
+    codes = torch.arange(256, dtype=torch.uint8).repeat(1024)  # over the pool's minimum: the pooled route
+    widened = _widen(codes.view(dtype), torch.float32, torch.device("cpu"), BufferPool(keep_bytes=1 << 20))
+    expected = codes.view(dtype).float()
+    assert torch.equal(widened.isnan(), expected.isnan())
+    assert torch.equal(widened[~expected.isnan()], expected[~expected.isnan()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_finite_check_by_code_agrees_with_torch_for_every_code(dtype):
+    from mergers.engine import is_finite
+
+    for code in range(256):
+        value = torch.tensor([code, 0], dtype=torch.uint8).view(dtype)
+        assert is_finite(value) == bool(torch.isfinite(value.float()).all()), hex(code)
 
 
 def test_fp8_output_dtype_option(tmp_path):
