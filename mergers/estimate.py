@@ -3,7 +3,7 @@
 The engine (mergers/engine.py) reads ahead at most ``DEFAULT_READAHEAD_BYTES`` of input
 while it computes one key, and the writer queues at most ``WRITE_QUEUE_DEPTH`` results, so
 peak RAM is that budget plus the largest key's working set (its inputs, their fp32 copies
-for fp32 methods, the result) plus the queued results. A chained input computes its key in
+for fp32 methods and fp8 inputs, the result) plus the queued results. A chained input computes its key in
 the reader thread, so its working set adds on top. Time is the bytes read and written at a
 stated disk speed: merges here run at the disk's pace (bench/results.md: 1.0–1.2× the I/O
 floor), so compute is left out.
@@ -23,7 +23,7 @@ import torch
 
 from mergers.chain import RecipeCheckpoint
 from mergers.checkpoint import Checkpoint
-from mergers.engine import DEFAULT_READAHEAD_BYTES, resolve_device, step_inputs
+from mergers.engine import DEFAULT_READAHEAD_BYTES, FP8_DTYPES, resolve_device, step_inputs
 from mergers.plan import KeyStep, MergePlan, Sources, plan_merge
 from mergers.recipe import Recipe
 
@@ -101,7 +101,8 @@ def working_set(plan: MergePlan, step: KeyStep, sources: Sources) -> int:
     """RAM one key needs while it is merged: inputs, compute copies, result; chained keys add theirs."""
     reads = step_inputs(step, sources, plan.input_count)
     inputs = sum(_nbytes(model.shape(key), model.dtype(key)) for model, key in reads)
-    compute = _fp32_bytes(plan, step, sources) if step.action == "merge" and plan.method.precision == "fp32" else 0
+    widened = plan.method.precision == "fp32" or any(model.dtype(key) in FP8_DTYPES for model, key in reads)
+    compute = _fp32_bytes(plan, step, sources) if step.action == "merge" and widened else 0
     chained = max((working_set(m.plan, m.step(key), m.sources)
                    for m, key in reads if isinstance(m, RecipeCheckpoint)), default=0)
     return inputs + compute + _spec_bytes(step) + chained
