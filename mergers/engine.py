@@ -228,15 +228,17 @@ def _result_buffer(plan: MergePlan, step: KeyStep, inputs: list[torch.Tensor], t
     target if it fits, else a reused buffer — a fresh result is a fresh mmap whose pages all fault,
     ~1/3 of a merge's system time."""
     pool = getattr(tensors, "pool", None)  # set by _Prefetcher on the inputs it read
-    if pool is None or "out" not in plan.method.params or step.channels is not None:
+    if "out" not in plan.method.params or step.channels is not None:
         return None
     first = inputs[0]
-    if first.device.type != "cpu" or any(t.shape != first.shape or t.dtype != first.dtype for t in inputs):
+    if any(t.shape != first.shape or t.dtype != first.dtype or t.device != first.device for t in inputs):
         return None
     if target is not None and first.dtype == step.spec.dtype and step.adjust is None:
         final = target()
         if final is not None and _fits(final, first):
-            return final
+            return final  # on a GPU too: a live CUDA parameter takes the result with no round trip
+    if pool is None or first.device.type != "cpu":
+        return None
     return pool.tensor(first.dtype, tuple(first.shape))
 
 

@@ -97,13 +97,15 @@ class MergeSession:
         self._cancel = threading.Event()
 
     def merge(self, recipe: Recipe, *, on_progress: ProgressCallback | None = None,
-              only_changed: bool = False) -> MergeOutcome:
+              only_changed: bool = False, history_extra: Mapping[str, Any] | None = None) -> MergeOutcome:
         """Merge ``recipe`` and swap it into the loaded model (restored exactly if anything fails).
 
         ``only_changed``: when the loaded model holds the current merge and ``recipe`` differs
         from it only in ratios (block weights, alpha/beta, elemental, include/exclude, adjust),
         merge and swap only the keys whose planned step changed; the result is the same as a
         full merge. Otherwise (other models, mode, a cosine statistics pass…) it merges in full.
+        ``history_extra``: JSON-able facts kept on the merge's history line (``HistoryEntry.extra``),
+        e.g. the search run and candidate it belongs to.
         """
         with self._running():
             started = time.perf_counter()
@@ -114,7 +116,7 @@ class MergeSession:
                 partial = replace(plan, steps=steps) if steps is not None else plan
                 swapped = self._swap(partial, sources, on_progress, keep_unwritten=steps is not None)
             rewritten = len(steps) if steps is not None else None
-            outcome = self._record(plan, swapped, time.perf_counter() - started, rewritten)
+            outcome = self._record(plan, swapped, time.perf_counter() - started, rewritten, history_extra)
             self.current = outcome
             return outcome
 
@@ -238,8 +240,9 @@ class MergeSession:
             return False
         if self._swapper is None or self._swapper.live is not live:
             self._swapper = Swapper(live)
+        # Results are made where the live weights are (a CUDA model gets CUDA results, written in place).
         stream = run_plan(plan, sources, on_progress=on_progress, cancel=self._cancel,
-                          output_device="cpu", out_for=self._swapper.target_for)
+                          output_device=_device_of(live), out_for=self._swapper.target_for)
         with self.host.lock():
             self._swapper.apply(stream, cancel=self._cancel, keep_unwritten=keep_unwritten)
         return True
@@ -258,12 +261,13 @@ class MergeSession:
             return None
         return previous
 
-    def _record(self, plan: MergePlan, swapped: bool, seconds: float,
-                rewritten: int | None = None) -> MergeOutcome:
+    def _record(self, plan: MergePlan, swapped: bool, seconds: float, rewritten: int | None = None,
+                history_extra: Mapping[str, Any] | None = None) -> MergeOutcome:
         names = {role: Path(getattr(plan.recipe, role)).stem for role in ("model_a", "model_b", "model_c")
                  if getattr(plan.recipe, role)}
         name = merge_name(plan.recipe, names)
-        entry = self.history.add(plan.recipe, name=name, models={r: {"name": n} for r, n in names.items()})
+        entry = self.history.add(plan.recipe, name=name, models={r: {"name": n} for r, n in names.items()},
+                                 extra=history_extra)
         return MergeOutcome(name, plan.recipe, entry.id, plan.count("merge"), swapped, seconds, plan.arch.label,
                             rewritten=rewritten)
 
@@ -276,6 +280,12 @@ class MergeSession:
             yield
         finally:
             self._busy.release()
+
+
+def _device_of(live) -> str:
+    """The device most of the live model's weights are on ("cpu" for an empty model)."""
+    devices = [tensor.device.type for tensor in live.tensors().values()]
+    return max(set(devices), key=devices.count) if devices else "cpu"
 
 
 def same_but_ratios(old: Recipe, new: Recipe) -> bool:
