@@ -205,13 +205,16 @@ def _merge_tensors(plan: MergePlan, step: KeyStep, tensors: list[torch.Tensor],
                    target: Optional[Callable[[], Optional[torch.Tensor]]] = None) -> torch.Tensor:
     dtype = _compute_dtype(plan.method.precision, tensors)
     pool = getattr(tensors, "pool", None)
+    params = {"alpha": step.alpha, "beta": step.beta, "gamma": plan.recipe.gamma, "seed": plan.recipe.seed,
+              "key": step.key, **stats}
+    if _in_stretches(plan, step, tensors, dtype, device, pool):
+        return _merge_in_stretches(plan, step, tensors, dtype, pool, params)
     if pool is not None and dtype != tensors[0].dtype:  # widened inputs and result live in the pool too
         pool.keep_at_least(_working_set(tensors, dtype))
     inputs = [_widen(t, dtype, device, pool) for t in tensors]
     if step.channels is not None:  # inpainting A: merge the channels the models share
         inputs = [t[:, : step.channels] for t in inputs]
-    params = {"alpha": step.alpha, "beta": step.beta, "gamma": plan.recipe.gamma, "seed": plan.recipe.seed,
-              "key": step.key, "out": _result_buffer(plan, step, inputs, tensors, target), **stats}
+    params["out"] = _result_buffer(plan, step, inputs, tensors, target)
     merged = plan.method.func(*inputs, **{name: params[name] for name in plan.method.params})
     if step.adjust is not None:
         merged = step.adjust(merged)
@@ -220,6 +223,36 @@ def _merge_tensors(plan: MergePlan, step: KeyStep, tensors: list[torch.Tensor],
     full = tensors[0].to(device=device, dtype=merged.dtype, copy=True)
     full[:, : step.channels] = merged
     return full
+
+
+# Widened (fp8 → fp32) elementwise merges go a stretch at a time: a Flux key of 66 M fp8 values would
+# otherwise take 1 GB of fp32 copies; 4 M values (16 MB each) keep the work in a few small buffers.
+STRETCH = 4 * 1024 * 1024
+
+
+def _in_stretches(plan: MergePlan, step: KeyStep, tensors: list[torch.Tensor], dtype: torch.dtype,
+                  device: torch.device, pool: Optional[BufferPool]) -> bool:
+    return (plan.method.elementwise and pool is not None and device.type == "cpu" and step.channels is None
+            and step.adjust is None and any(t.dtype != dtype for t in tensors)
+            and all(t.shape == tensors[0].shape and t.is_contiguous() for t in tensors)
+            and tensors[0].numel() > STRETCH)
+
+
+def _merge_in_stretches(plan: MergePlan, step: KeyStep, tensors: list[torch.Tensor], dtype: torch.dtype,
+                        pool: BufferPool, params: dict) -> torch.Tensor:
+    """An elementwise merge of widened inputs, ``STRETCH`` values at a time, straight into the planned
+    dtype: the same bits as widening whole tensors, in a few stretch-sized buffers."""
+    result = pool.tensor(step.spec.dtype, tuple(tensors[0].shape))
+    flat_result, flats = result.reshape(-1), [t.reshape(-1) for t in tensors]
+    cpu = torch.device("cpu")
+    for start in range(0, flat_result.numel(), STRETCH):
+        end = min(start + STRETCH, flat_result.numel())
+        inputs = [_widen(flat[start:end], dtype, cpu, pool) for flat in flats]
+        params["out"] = pool.tensor(dtype, (end - start,)) if "out" in plan.method.params else None
+        merged = plan.method.func(*inputs, **{name: params[name] for name in plan.method.params})
+        flat_result[start:end].copy_(merged)
+        del inputs, merged  # their buffers serve the next stretch
+    return result
 
 
 def _result_buffer(plan: MergePlan, step: KeyStep, inputs: list[torch.Tensor], tensors: list[torch.Tensor],

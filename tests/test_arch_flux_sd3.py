@@ -234,8 +234,13 @@ def test_bare_and_t5_keys_merge(tmp_path):
     assert "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.k.weight" in merged
 
 
-def test_fp8_weight_sum(tmp_path):
-    """fp8 inputs are widened to fp32 (by table), merged and rounded to fp8 once: as torch's own route."""
+@pytest.mark.parametrize("stretch", [None, 7])  # whole tensors; 7 values at a time (uneven last stretch)
+def test_fp8_weight_sum(tmp_path, monkeypatch, stretch):
+    """fp8 inputs are widened to fp32 (by table), merged and rounded to fp8 once: as torch's own route,
+    whether a key goes whole or a stretch at a time (engine.STRETCH; real Flux keys are over it)."""
+    if stretch is not None:
+        import mergers.engine
+        monkeypatch.setattr(mergers.engine, "STRETCH", stretch)
     paths = [write(tmp_path, f"{n}.safetensors", small_flux(n, torch.float8_e4m3fn)) for n in (1, 2)]
     result = merge_to_file(Recipe(paths[0], paths[1], mode="Weight sum", alpha=0.3), tmp_path / "out.safetensors")
     a, b, out = load(paths[0]), load(paths[1]), load(result.path)
@@ -244,6 +249,17 @@ def test_fp8_weight_sum(tmp_path):
     for key in merged:
         expected = torch.lerp(a[key].float(), b[key].float(), 0.3).to(torch.float8_e4m3fn)
         assert torch.equal(out[key].view(torch.uint8), expected.view(torch.uint8)), key
+
+
+def test_fp8_add_difference_a_stretch_at_a_time(tmp_path, monkeypatch):
+    import mergers.engine
+    monkeypatch.setattr(mergers.engine, "STRETCH", 5)
+    paths = [write(tmp_path, f"{n}.safetensors", small_flux(n, torch.float8_e5m2)) for n in (1, 2, 3)]
+    result = merge_to_file(Recipe(*paths, mode="Add difference", alpha=0.7), tmp_path / "out.safetensors")
+    a, b, c, out = (load(path) for path in (*paths, result.path))
+    key = "model.diffusion_model.double_blocks.3.img_mlp.0.weight"
+    expected = (a[key].float() + (b[key].float() - c[key].float()) * 0.7).to(torch.float8_e5m2)
+    assert torch.equal(out[key].view(torch.uint8), expected.view(torch.uint8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])

@@ -39,6 +39,7 @@ class MergeMethod:
     skip_keys: tuple[str, ...] = ()  # keys holding any of these stay as A
     prepass: Optional["Prepass"] = None  # statistics over the whole model, gathered first
     bounds: tuple[tuple[str, float, float], ...] = ()  # (param, low, high) every ratio must respect
+    elementwise: bool = False  # each output element depends only on the inputs' same element
 
     @property
     def uses_beta(self) -> bool:
@@ -75,8 +76,11 @@ class Prepass(Protocol):
 
 def merge_method(name: str, *, label: str, precision: str = "fp32", formula: str = "",
                  skip_keys: tuple[str, ...] = (), prepass: Optional[Prepass] = None,
-                 bounds: tuple[tuple[str, float, float], ...] = ()):
+                 bounds: tuple[tuple[str, float, float], ...] = (), elementwise: bool = False):
     """Register a pure merge function under ``name``; returns the function unchanged.
+
+    ``elementwise``: the function may be given any slice of its inputs and gives that slice
+    of the result (the engine then widens fp8 a stretch at a time, not a whole tensor).
 
     Example:
         >>> @merge_method("weight_sum", label="Weight sum")
@@ -93,7 +97,7 @@ def merge_method(name: str, *, label: str, precision: str = "fp32", formula: str
         params = tuple(p.name for p in signature if p.kind is p.KEYWORD_ONLY)
         METHODS[name] = MergeMethod(name, label, func, models, params, precision,
                                     formula or (func.__doc__ or "").strip().splitlines()[0],
-                                    skip_keys, prepass, bounds)
+                                    skip_keys, prepass, bounds, elementwise)
         return func
 
     return register
