@@ -37,6 +37,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from PIL import Image
 from pydantic import BaseModel, Field
 
 from mergers.chain import leaf_names
@@ -52,6 +53,17 @@ from mergers.errors import (
 from mergers.hashing import cached_sha256, sha256_of_file
 from mergers.host import GenerationParams
 from mergers.recipe import Recipe
+from mergers.search import (
+    SCORE_LOG,
+    SPEC_FIELDS,
+    Scorer,
+    SearchError,
+    SearchSpec,
+    builtin_scorer,
+    run_search,
+    search_setup,
+    spec_from_dict,
+)
 from mergers.session import MergeBusy, MergeOutcome, MergeSession, file_stem
 from mergers.weights import load_presets
 
@@ -81,6 +93,15 @@ MERGE_REFUSALS = {
     409: {"description": "another merge is running, the merge was cancelled, or the output exists"},
     422: {"description": "bad JSON, or an invalid recipe: detail[0].loc names the field"},
 }
+
+# What a search setting's message names → its place in the body, the earliest match in the message wins.
+SEARCH_FIELD_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    *((rf"\b{name}\b", (name,)) for name in ("side", "budget", "seed", "optimizer", "params", "bounds")),
+    (r"\bblocks?\b", ("blocks",)),
+    (r"\bchild(ren)?\b", ("children",)),
+    (r"\bdice\b", ("recipe", "dice")),
+)
+MAX_IMAGE_BASE64 = 32 * 2 ** 20  # a reference image is one picture, not an upload channel
 
 # Phrases in library messages that name a recipe field other than by its own name.
 FIELD_PHRASES = {"model A": "model_a", "model B": "model_b", "model C": "model_c", "merge mode": "mode",
@@ -125,6 +146,28 @@ class MergeAndGenerateRequest(MergeRequest):
     generation: GenerationRequest = Field(default_factory=GenerationRequest)
 
 
+class SearchRequest(_Body):
+    """An auto-merge search (mergers.search): a base recipe, which block weights to vary, how to score."""
+
+    recipe: dict[str, Any] = Field(..., description="the base recipe; the blocks not searched keep its weights")
+    params: GenerationRequest = Field(default_factory=GenerationRequest,
+                                      description="txt2img settings, one seed for every candidate "
+                                                  "(-1 or none: the search's seed)")
+    side: str | None = Field(None, description="alpha (default) or beta: whose block weights to search")
+    blocks: list[str] | str | None = Field(None, description="block ids to vary (default: all of model A's layout)")
+    bounds: list[float] | None = Field(None, description="[lower, upper] of the searched weights (default [0, 1])")
+    budget: int | None = Field(None, description="candidates to merge and score (default 20)")
+    seed: int | None = Field(None, description="the search's seed: the same seed replays the same candidates")
+    optimizer: str | None = Field(None, description="es (default: a (1+λ) evolution strategy) or coordinate")
+    children: int | None = Field(None, description="es: candidates per generation (λ, default 1)")
+    scorer: str = Field("sharpness", description="sharpness, or similarity (to the reference image)")
+    reference: str | None = Field(None, description="the similarity scorer's target: a PNG or JPEG, base64")
+
+
+class SearchStopResponse(BaseModel):
+    stopping: bool  # whether a search was running (it ends after the current candidate)
+
+
 class AnalyzeRequest(_Body):
     model_a: str
     model_b: str
@@ -148,6 +191,7 @@ class HistoryItem(BaseModel):
     name: str
     recipe: dict[str, Any]
     models: dict[str, dict[str, str]]
+    extra: dict[str, Any] = Field(default_factory=dict)  # e.g. {"search": {"run": ..., "candidate": 3}}
 
 
 class InputModel(BaseModel):
@@ -184,7 +228,7 @@ class GenerateResponse(MergeResponse):
 
 class ProgressResponse(BaseModel):
     running: bool
-    phase: str  # "idle", "merging", "saving", "hashing", "generating"
+    phase: str  # "idle", "merging", "saving", "hashing", "generating", "searching"
     done: int
     total: int
     key: str
@@ -367,6 +411,7 @@ def make_router(session: MergeSession, *, dependencies: Sequence[Any] = ()) -> A
     _add_lists(router, session)
     _add_merging(router, session, slot)
     _add_control(router, session, slot)
+    _add_search(router, session, slot)
     return router
 
 
@@ -439,6 +484,97 @@ def _add_control(router: APIRouter, session: MergeSession, slot: MergeSlot) -> N
             return {"restored": session.restore()}
         except MergeError as error:
             raise http_error(error) from None
+
+
+def _add_search(router: APIRouter, session: MergeSession, slot: MergeSlot) -> None:
+    stop = threading.Event()
+
+    @router.post("/search", response_model=dict[str, Any],
+                 summary="Auto-merge: search block weights whose images score best; the best is swapped in",
+                 responses={**MERGE_REFUSALS, 400: {"description": "the search failed midway (the detail names "
+                                                                   "the candidate; the scores made are logged)"},
+                            501: {"description": "the host has no image generator"}})
+    def search(request: SearchRequest):
+        if not session.host.can_generate():
+            raise HTTPException(501, detail="a search generates images, and this host has no image generator "
+                                            "(the standalone app): run it in the web UI")
+        spec, scorer = _search_spec(session, request)
+        with slot.running():
+            stop.clear()
+            slot.phase("searching")
+            try:
+                result = run_search(session, spec, scorer, stop=stop.is_set, on_progress=slot.progress)
+            except SearchError as error:
+                raise search_http_error(error) from None
+            except MergeError as error:
+                raise http_error(error) from None
+        return json_safe({**result.to_dict(), "score_log": SCORE_LOG})  # the log's name, not the server's path
+
+    @router.post("/search/stop", response_model=SearchStopResponse,
+                 summary="End the running search after its current candidate (the best so far is swapped in)")
+    def stop_search():
+        running = slot.snapshot()["phase"] == "searching"
+        if running:
+            stop.set()
+        return {"stopping": running}
+
+
+def _search_spec(session: MergeSession, request: SearchRequest) -> tuple[SearchSpec, Scorer]:
+    """The request's search and scorer, every setting checked before any merge; 422 names the field."""
+    recipe = parse_recipe(request.recipe)
+    check_recipe_models(session, recipe)
+    given = request.model_dump() if hasattr(request, "model_dump") else request.dict()
+    body = {name: value for name, value in given.items() if name in SPEC_FIELDS and value is not None}
+    body["params"] = {name: value for name, value in given["params"].items() if value is not None}
+    try:
+        spec = spec_from_dict(body, session.host.default_generation())
+        search_setup(spec, session.host.resolve)  # the blocks and the optimizer's settings, against model A
+    except WeightsError as error:  # the base recipe's weights of the searched side, read in model A's layout
+        raise field_error(422, ["body", "recipe", f"weights_{body.get('side') or 'alpha'}"], str(error),
+                          "WeightsError") from None
+    except RecipeError as error:
+        raise field_error(422, search_field_at_fault(str(error)), str(error), "RecipeError") from None
+    except MergeError as error:  # model A's file cannot be read, or its architecture is unknown
+        raise http_error(error, request.recipe) from None
+    reference = decode_image(request.reference, ["body", "reference"]) if request.reference else None
+    try:
+        scorer = builtin_scorer(request.scorer, reference=reference)
+    except MergeError as error:
+        loc = ["body", "reference" if request.scorer == "similarity" else "scorer"]
+        raise field_error(422, loc, str(error), type(error).__name__) from None
+    return spec, scorer
+
+
+def search_field_at_fault(message: str) -> list[str]:
+    """Where a search setting's message points: the first search field (or phrase) it names, else the body.
+
+    Example:
+        >>> search_field_at_fault("budget must be a whole number of candidates from 1 to 1000; got 0")
+        ['body', 'budget']
+    """
+    found = [(_position(message, pattern), loc) for pattern, loc in SEARCH_FIELD_PATTERNS]
+    found = [(at, loc) for at, loc in found if at is not None]
+    return ["body", *min(found)[1]] if found else ["body"]
+
+
+def search_http_error(error: SearchError) -> HTTPException:
+    """A search that failed midway: the status of what failed (409 busy or cancelled, 400 a scorer)
+    with the search's message, which names the candidate."""
+    cause = error.__cause__ if isinstance(error.__cause__, MergeError) else error
+    status = next(code for kind, code in ERROR_STATUS if isinstance(cause, kind))
+    return HTTPException(status, detail=str(error))
+
+
+def decode_image(text: str, loc: Sequence[str]) -> Image.Image:
+    """A base64 image (a ``data:`` URL prefix allowed) as an RGB PIL image; 422 naming ``loc`` if it is not one."""
+    if len(text) > MAX_IMAGE_BASE64:
+        raise field_error(422, loc, f"the image is over {MAX_IMAGE_BASE64 // 2 ** 20} MiB of base64", "value_error")
+    data = text.split(",", 1)[1] if text.startswith("data:") else text
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as image:
+            return image.convert("RGB")
+    except (ValueError, OSError, Image.DecompressionBombError) as error:  # binascii.Error is a ValueError
+        raise field_error(422, loc, f"not a base64 PNG or JPEG image: {error}", "value_error") from None
 
 
 def _merge(session: MergeSession, slot: MergeSlot, request: MergeRequest, *,

@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mergers.errors import MergeError, OutputError, RecipeError
 from mergers.methods.modes import MODES
@@ -85,6 +86,8 @@ class HistoryEntry:
     name: str  # the merge's display name
     recipe: Recipe  # as run: dice drawn and seeds resolved
     models: dict[str, dict[str, str]] = field(default_factory=dict)  # role → {"name", "sha256", "shorthash"}
+    # What the caller made it for, e.g. {"search": {"run": "20250101-120000-ab12cd", "candidate": 3}}
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """The JSON object stored on this entry's line.
@@ -93,8 +96,11 @@ class HistoryEntry:
             >>> HistoryEntry.from_dict(entry.to_dict()) == entry
             True
         """
-        return {"id": self.id, "time": self.time, "name": self.name,
+        data = {"id": self.id, "time": self.time, "name": self.name,
                 "recipe": self.recipe.to_dict(), "models": self.models}
+        if self.extra:  # absent when empty: lines of plain merges stay as older supermergers wrote them
+            data["extra"] = self.extra
+        return data
 
     @classmethod
     def from_dict(cls, data: object) -> HistoryEntry:
@@ -110,7 +116,7 @@ class HistoryEntry:
         if missing:
             raise RecipeError(f"missing {', '.join(missing)}")
         return cls(_entry_id(data["id"]), _text("time", data["time"]), _text("name", data["name"]),
-                   _recipe(data["recipe"]), _models(data.get("models", {})))
+                   _recipe(data["recipe"]), _models(data.get("models", {})), _extra(data.get("extra", {})))
 
 
 class History:
@@ -132,8 +138,12 @@ class History:
         self.problems: list[str] = []  # what went wrong reading the file, for the UI to show
         self._lock = threading.Lock()
 
-    def add(self, recipe: Recipe, *, name: str, models: Mapping[str, Mapping[str, str]] | None = None) -> HistoryEntry:
+    def add(self, recipe: Recipe, *, name: str, models: Mapping[str, Mapping[str, str]] | None = None,
+            extra: Mapping[str, Any] | None = None) -> HistoryEntry:
         """Record a merge; its ID is the highest ID in the file plus one.
+
+        ``extra``: JSON-able facts about why the merge was made (e.g. which search
+        candidate it is), kept on the line as they are given.
 
         Example:
             >>> entry = history.add(recipe, name="a x 0.7 + b x 0.3", models={"model_a": {"shorthash": "0123456789"}})
@@ -145,8 +155,8 @@ class History:
         with self._locked():
             loaded = self._load()
             entry = HistoryEntry(loaded.next_id, time.strftime(TIME_FORMAT), str(name or merge_name(recipe, {})),
-                                 recipe, _models(models or {}))
-            _append_line(self.path, json.dumps(entry.to_dict(), ensure_ascii=False))
+                                 recipe, _models(models or {}), _extra(extra or {}))
+            _append_line(self.path, _json_line(entry))
             return entry
 
     def get(self, id: int) -> HistoryEntry:
@@ -487,6 +497,21 @@ def _recipe(value: object) -> Recipe:
     if not isinstance(value, dict):
         raise RecipeError(f"recipe must be a JSON object, not {value!r}")
     return Recipe.from_dict(value)
+
+
+def _extra(value: object) -> dict[str, Any]:
+    """A JSON object (its keys text), kept as given."""
+    if not isinstance(value, Mapping) or not all(isinstance(key, str) for key in value):
+        raise RecipeError(f"extra must be a JSON object, not {value!r}")
+    return dict(value)
+
+
+def _json_line(entry: HistoryEntry) -> str:
+    """The entry as one JSON line; an ``extra`` JSON cannot hold is refused before anything is written."""
+    try:
+        return json.dumps(entry.to_dict(), ensure_ascii=False)
+    except (TypeError, ValueError) as error:
+        raise RecipeError(f"history entry {entry.id} ({entry.name}): extra is not plain JSON: {error}") from None
 
 
 def _models(value: object) -> dict[str, dict[str, str]]:

@@ -5,9 +5,10 @@ merge generates; :func:`run_search` asks a seeded optimizer for block weights,
 streams each candidate merge into the loaded model (``only_changed``: only the
 keys whose ratio changed are re-merged), generates with one fixed seed, scores
 the images, and at the end swaps in the best candidate. Every candidate is a
-merge in the history; its score goes to ``search_scores.jsonl`` beside the
-history file, keyed by history ID (history lines are written before the images
-exist, and the history is append-only).
+merge in the history, its entry's ``extra`` naming the run and the candidate
+(``{"search": {"run": ..., "candidate": 3}}``); its score goes to
+``search_scores.jsonl`` beside the history file, keyed by history ID (history
+lines are written before the images exist, and the history is append-only).
 
 The optimizers are pure: ``ask()`` a point, ``tell(point, score)`` its score,
 no I/O, the same points for the same seed and scores, so they are tested on a
@@ -301,7 +302,8 @@ class SearchSpec:
         if self.optimizer not in OPTIMIZERS:
             raise RecipeError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or not 1 <= self.budget <= MAX_BUDGET:
-            raise RecipeError(f"budget must be a whole number of candidates from 1 to {MAX_BUDGET}; got {self.budget!r}")
+            raise RecipeError(f"budget must be a whole number of candidates from 1 to {MAX_BUDGET}; "
+                              f"got {self.budget!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise RecipeError(f"seed must be a whole number; got {self.seed!r}")
         if self.recipe.dice.mode != "off":
@@ -380,6 +382,20 @@ def _block_id(text: str) -> str:
     return ID_ALIASES.get(word, word)
 
 
+def search_setup(spec: SearchSpec, resolve: Callable[[str], Path]) -> tuple[SearchSpace, Optimizer]:
+    """The space ``spec`` searches (model A's layout read unless ``spec.layout`` names one) and a fresh
+    optimizer at its start: every setting is checked here, so the tab and the API refuse a bad block or
+    optimizer setting before the first merge.
+
+    Example:
+        >>> space, optimizer = search_setup(spec, host.resolve)
+        >>> space.layout, space.blocks[:2]
+        ('sd1', ('BASE', 'IN00'))
+    """
+    space = search_space(spec, spec.layout or layout_of(spec.recipe, resolve))
+    return space, OPTIMIZERS[spec.optimizer](space.start(), spec)
+
+
 def layout_of(recipe: Recipe, resolve: Callable[[str], Path]) -> str:
     """The block layout of model A (of the innermost model A when A is a chained recipe)."""
     model = recipe.model_a
@@ -422,6 +438,7 @@ class SearchResult:
     final_history_id: int | None = None  # the best candidate, merged again at the end (None: it was loaded)
     seconds: float = 0.0
     log_path: Path | None = None
+    run: str = ""  # the run's ID in the score log and in its merges' history entries ("extra")
 
     @property
     def best(self) -> Candidate | None:
@@ -439,7 +456,8 @@ class SearchResult:
     def to_dict(self) -> dict[str, Any]:
         """The API's answer."""
         best = self.best
-        return {"summary": self.summary, "layout": self.layout, "side": self.spec.side, "blocks": list(self.blocks),
+        return {"summary": self.summary, "run": self.run, "layout": self.layout, "side": self.spec.side,
+                "blocks": list(self.blocks),
                 "seed": self.params.seed, "stopped": self.stopped,
                 "best": best.to_dict() if best else None,
                 "best_recipe": best.recipe.to_dict() if best else None,
@@ -464,11 +482,10 @@ def run_search(session: MergeSession, spec: SearchSpec, scorer: Scorer, *,
     """
     if not session.host.can_generate():
         raise MergeError("a search needs an image generator; this host has none (run it in the web UI)")
-    space = search_space(spec, spec.layout or layout_of(spec.recipe, session.host.resolve))
-    optimizer = OPTIMIZERS[spec.optimizer](space.start(), spec)
+    space, optimizer = search_setup(spec, session.host.resolve)
     params = spec.params if spec.params.seed != -1 else dataclasses.replace(spec.params, seed=spec.seed)
     log = ScoreLog(session.history.folder / SCORE_LOG, spec)
-    result = SearchResult(spec, space.layout, space.blocks, params, log_path=log.path)
+    result = SearchResult(spec, space.layout, space.blocks, params, log_path=log.path, run=log.run)
     started = time.perf_counter()
     try:
         while len(result.candidates) < spec.budget and not (stop is not None and stop()):
@@ -491,11 +508,13 @@ def run_search(session: MergeSession, spec: SearchSpec, scorer: Scorer, *,
 def _candidate(session: MergeSession, space: SearchSpace, params: GenerationParams, scorer: Scorer, point: Point,
                number: int, result: SearchResult, on_progress: ProgressCallback | None
                ) -> tuple[Candidate, list[Image.Image]]:
-    """Merge (only the changed keys), generate and score one point."""
+    """Merge (only the changed keys), generate and score one point; its history entry names the run
+    and the candidate (``extra["search"]``)."""
     recipe = space.recipe_for(point)
     name = f"candidate {number} ({space.side} {space.weights(point).as_readable()})"
     try:
-        outcome = session.merge(recipe, only_changed=True, on_progress=on_progress)
+        outcome = session.merge(recipe, only_changed=True, on_progress=on_progress,
+                                history_extra={"search": {"run": result.run, "candidate": number}})
         images = list(session.generate(params).images)
     except MergeError as error:
         raise SearchError(f"{name}: {error}", result) from error
@@ -513,13 +532,15 @@ def _candidate(session: MergeSession, space: SearchSpace, params: GenerationPara
 
 
 def _swap_in_best(session: MergeSession, result: SearchResult, on_progress: ProgressCallback | None) -> int | None:
-    """Merge the best candidate again unless it is what the model holds; its history ID, or None."""
+    """Merge the best candidate again unless it is what the model holds; its history ID, or None.
+    Its history entry says it is the run's best (``extra["search"]["best"]``)."""
     best = result.best
     current = session.current
     if best is None or (current is not None and current.recipe == best.recipe):
         return None
     try:
-        return session.merge(best.recipe, only_changed=True, on_progress=on_progress).history_id
+        return session.merge(best.recipe, only_changed=True, on_progress=on_progress,
+                             history_extra={"search": {"run": result.run, "best": best.number}}).history_id
     except MergeError as error:
         raise SearchError(f"swapping in the best candidate ({best.number}): {error}", result) from error
 

@@ -58,7 +58,7 @@ checkpoints, webui = test_a1111.checkpoints, test_a1111.webui  # the A1111 stand
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the loopback, whatever http_proxy says
 ROUTES = {"/models": {"get"}, "/presets": {"get"}, "/history": {"get"}, "/merge": {"post"},
           "/merge-and-generate": {"post"}, "/analyze": {"post"}, "/restore": {"post"}, "/progress": {"get"},
-          "/cancel": {"post"}}
+          "/cancel": {"post"}, "/search": {"post"}, "/search/stop": {"post"}}
 
 
 @pytest.fixture(autouse=True)

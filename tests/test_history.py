@@ -188,6 +188,40 @@ def test_merge_name_calcmode_suffix_and_given_names():
     assert merge_name(recipe(model_a="C:\\sd\\x.y.safetensors", alpha=1 / 3), {}) == "x.y x 0.667 + b x 0.333"
 
 
+# --- extra: what a merge was made for ----------------------------------------------------------------
+
+
+def test_extra_round_trips_and_is_left_off_plain_lines(tmp_path):
+    history = History(tmp_path)
+    plain = history.add(recipe(), name="plain")
+    searched = history.add(recipe(alpha=0.7), name="candidate", extra={"search": {"run": "r1", "candidate": 2}})
+    lines = [json.loads(line) for line in (tmp_path / FILE_NAME).read_text(encoding="utf-8").splitlines()]
+    assert "extra" not in lines[0] and lines[1]["extra"] == {"search": {"run": "r1", "candidate": 2}}
+    assert History(tmp_path).entries(newest_first=False) == [plain, searched] and plain.extra == {}
+
+
+def test_a_line_written_before_extra_existed_still_loads(tmp_path):
+    old = {"id": 1, "time": "2024.01.02 03.04.05", "name": "old merge", "models": {"model_a": {"name": "a"}},
+           "recipe": {"model_a": "a.safetensors", "model_b": "b.safetensors", "alpha": 0.4}}
+    (tmp_path / FILE_NAME).write_text(json.dumps(old) + "\n", encoding="utf-8")
+    history = History(tmp_path)
+    entry = history.get(1)
+    assert (entry.name, entry.recipe.alpha, entry.extra) == ("old merge", 0.4, {}) and history.problems == []
+    assert entry.to_dict().keys() == {"id", "time", "name", "recipe", "models"}
+    assert history.add(recipe(), name="new", extra={"k": 1}).id == 2
+
+
+@pytest.mark.parametrize("extra", [[1, 2], "search", {1: "x"}])
+def test_an_extra_that_is_not_a_json_object_is_refused(tmp_path, extra):
+    with pytest.raises(RecipeError, match="extra must be a JSON object"):
+        HistoryEntry.from_dict({"id": 1, "time": "t", "name": "n", "recipe": recipe().to_dict(), "extra": extra})
+    with pytest.raises(RecipeError, match="extra must be a JSON object"):
+        History(tmp_path).add(recipe(), name="n", extra=extra)
+    with pytest.raises(RecipeError, match="extra is not plain JSON"):
+        History(tmp_path).add(recipe(), name="n", extra={"when": object()})
+    assert History(tmp_path).entries() == []
+
+
 # --- a damaged file --------------------------------------------------------------------------------
 
 

@@ -52,6 +52,7 @@ FEATURE_TABS: tuple[tuple[str, str], ...] = (
     ("XYZ plot", "mergers.ui.xyz_tab:xyz_tab"),
     ("LoRA", "mergers.ui.lora_tab:lora_tab"),
     ("Analysis", "mergers.ui.analysis_tab:analysis_tab"),
+    ("Auto-merge", "mergers.ui.search_tab:search_tab"),
 )
 
 METHOD_OUTPUTS = ("calcmode", "beta", "gamma", "seed", "model_c", METHOD_INFO, MESSAGE)
