@@ -26,7 +26,7 @@ from typing import Optional, Union
 import torch
 
 from mergers.checkpoint import Checkpoint, open_checkpoint
-from mergers.engine import compute_step, resolve_device, run_prepass, step_inputs
+from mergers.engine import PooledInputs, compute_step, resolve_device, run_prepass, step_inputs
 from mergers.errors import CheckpointError, RecipeError
 from mergers.methods import MODES
 from mergers.models import VIRTUAL_SUFFIX
@@ -162,6 +162,8 @@ class RecipeCheckpoint(Checkpoint):
         step = self._steps[key]
         tensors = [_read_input(model, name, pool) for model, name in
                    step_inputs(step, self.sources, self.plan.input_count)]
+        if pool is not None:  # the inner merge's results and fp8 widening use the same reused buffers
+            tensors = PooledInputs(tensors, pool)
         return compute_step(self.plan, step, tensors, self._device, self._statistics()).to("cpu")
 
     def _statistics(self) -> dict:

@@ -337,7 +337,7 @@ def step_inputs(step: KeyStep, sources: Sources, model_count: int) -> list:
     return []
 
 
-class _PooledInputs(list):
+class PooledInputs(list):
     """One step's input tensors, with the pool they were read into (results may use it too)."""
 
     def __init__(self, tensors, pool: BufferPool):
@@ -385,7 +385,7 @@ class _Prefetcher:
     def _run(self) -> None:
         try:
             for item in self._items:
-                tensors = _PooledInputs((self._read(model, key) for model, key in self._reads(item)), self.pool)
+                tensors = PooledInputs((self._read(model, key) for model, key in self._reads(item)), self.pool)
                 size = sum(t.numel() * t.element_size() for t in tensors)
                 if not self._reserve(size):
                     return

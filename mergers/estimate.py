@@ -23,7 +23,7 @@ import torch
 
 from mergers.chain import RecipeCheckpoint
 from mergers.checkpoint import Checkpoint
-from mergers.engine import DEFAULT_READAHEAD_BYTES, FP8_DTYPES, resolve_device, step_inputs
+from mergers.engine import DEFAULT_READAHEAD_BYTES, FP8_DTYPES, STRETCH, resolve_device, step_inputs
 from mergers.plan import KeyStep, MergePlan, Sources, plan_merge
 from mergers.recipe import Recipe
 
@@ -74,7 +74,7 @@ def estimate_plan(plan: MergePlan, sources: Sources, *, device: Optional[str] = 
     largest = max((working_set(plan, step, sources) for step in plan.steps), default=0)
     queued = WRITE_QUEUE_DEPTH * max((_spec_bytes(step) for step in plan.steps), default=0)
     on_gpu = resolve_device(device).type == "cuda"
-    vram = max((_fp32_bytes(plan, step, sources) for step in plan.steps), default=0) if on_gpu else 0
+    vram = max((_fp32_bytes(plan, step, sources, on_gpu=True) for step in plan.steps), default=0) if on_gpu else 0
     return Estimate(read, write, min(readahead_bytes, read) + largest + queued, vram,
                     (read + write) / disk_bytes_per_s, disk_bytes_per_s)
 
@@ -108,10 +108,14 @@ def working_set(plan: MergePlan, step: KeyStep, sources: Sources) -> int:
     return inputs + compute + _spec_bytes(step) + chained
 
 
-def _fp32_bytes(plan: MergePlan, step: KeyStep, sources: Sources) -> int:
-    """The key's inputs and result as fp32 (the compute copies; on a GPU, what it holds)."""
+def _fp32_bytes(plan: MergePlan, step: KeyStep, sources: Sources, *, on_gpu: bool = False) -> int:
+    """The key's inputs and result as fp32 (the compute copies; on a GPU, what it holds). On the CPU an
+    elementwise method widens a stretch at a time (engine.STRETCH), two stretches' buffers in use."""
     count = len(step_inputs(step, sources, plan.input_count)) + 1
-    return count * _numel(step.spec.shape) * FP32_BYTES
+    numel = _numel(step.spec.shape)
+    if plan.method.elementwise and not on_gpu:
+        numel = min(numel, 2 * STRETCH)
+    return count * numel * FP32_BYTES
 
 
 def _spec_bytes(step: KeyStep) -> int:
