@@ -14,7 +14,7 @@ child processes measured like bench/merge.py's rows (wall time, peak RSS from
 
 Flux is the 12-billion-parameter transformer alone in fp8 (11.9 GB per file):
 A, B and the output do not fit this machine's page cache together, so its rows
-read from disk.
+read from disk. A and B are hashed and read once, untimed, before the timed rows.
 
 Example:
     python bench/make_models.py --arch flux --models a b
@@ -81,6 +81,7 @@ def bench(arch: str, directory: Path, runs: int, child: Child) -> list[str]:
     rows = cases(arch, a, b, out)
     for path in (a, b):  # hash A and B once, untimed: the timed runs find the hashes in the cache
         run_child([PYTHON, "-m", "mergers", "info", str(path)], child)
+    run_child(rows[0][1], child)  # and read them once, untimed, so the first row does not pay for a cold cache
     measured: list[list[Run]] = [[] for _ in rows]
     for index in range(runs):
         for (name, argv), done in zip(rows, measured):
