@@ -170,7 +170,9 @@ def peer_cases(arch: str) -> list[Case]:
     if not peers_fit(arch):
         return []
     python = str(PEERS_VENV / "bin" / "python")
-    rows = [("naive load-all (A1111's merger)", "naive", PYTHON), ("sd-mecha", "sd-mecha", python),
+    rows = [("naive load-all (A1111's merger)", "naive", PYTHON),
+            ("naive load-all + fsync (its file on disk, like ours)", "naive-fsync", PYTHON),
+            ("sd-mecha", "sd-mecha", python),
             ("sd-meh", "sd-meh", python)]
     return [Case(f"{label} {mode} α=0.5", models, peer(name, mode, exe))
             for label, name, exe in rows

@@ -35,6 +35,19 @@ def naive(mode: str, alpha: float, output: Path, inputs: list[Path]) -> None:
     safetensors.torch.save_file(a, output)
 
 
+def naive_durable(mode: str, alpha: float, output: Path, inputs: list[Path]) -> None:
+    """``naive``, then fsync the output: on disk when the process ends, as supermerger's save is
+    (the others return while the file may still sit in the page cache)."""
+    import os
+
+    naive(mode, alpha, output, inputs)
+    fd = os.open(output, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def sd_mecha(mode: str, alpha: float, output: Path, inputs: list[Path]) -> None:
     """sd-mecha's weighted_sum / add_difference, fp16 out (its default merge dtype, fp32)."""
     import sd_mecha
@@ -59,7 +72,7 @@ def sd_meh(mode: str, alpha: float, output: Path, inputs: list[Path]) -> None:
     save_model(merged, str(output.with_suffix("")), "safetensors")  # it appends ".safetensors"
 
 
-PEERS = {"naive": naive, "sd-mecha": sd_mecha, "sd-meh": sd_meh}
+PEERS = {"naive": naive, "naive-fsync": naive_durable, "sd-mecha": sd_mecha, "sd-meh": sd_meh}
 
 
 def main(argv: list[str]) -> int:

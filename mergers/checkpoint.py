@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import struct
 import sys
@@ -179,6 +180,30 @@ class SafetensorsCheckpoint(Checkpoint):
             if self._running_hash is not None:
                 self._running_hash.feed(info.start, raw.numpy())
         return raw.view(info.dtype).reshape(info.shape)
+
+    def map(self, key: str) -> torch.Tensor:
+        """The tensor under ``key`` as a copy-on-write mapping of its bytes in the file: no copy out of
+        the page cache. The mapping lives as long as the tensor (and its views) do, so only the tensors
+        in use count towards RSS. Falls back to a read where a mapping cannot serve (a hash being
+        computed from the reads, an unaligned offset).
+
+        Example:
+            >>> torch.lerp(a.map(key), b.map(key), 0.5, out=live[key])
+        """
+        info = self._infos[key]
+        element = torch.empty((), dtype=info.dtype).element_size()
+        if self._running_hash is not None or info.nbytes == 0 or info.start % element:
+            return self._read(key)
+        start = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+        try:
+            mapped = mmap.mmap(self._fd, info.start + info.nbytes - start, offset=start, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"{self.path}: cannot map {key!r}: {error}") from None
+        if hasattr(mapped, "madvise"):
+            mapped.madvise(mmap.MADV_WILLNEED)  # the kernel starts any disk reads now, ahead of use
+        self._bytes_read += info.nbytes
+        raw = numpy.frombuffer(mapped, dtype=numpy.uint8, count=info.nbytes, offset=info.start - start)
+        return torch.from_numpy(raw).view(info.dtype).reshape(info.shape)
 
     @property
     def bytes_read(self) -> int:

@@ -64,12 +64,17 @@ def run_plan(plan: MergePlan, sources: Sources, *, device: Optional[str] = None,
              cancel: Optional[CancelToken] = None,
              readahead_bytes: int = DEFAULT_READAHEAD_BYTES,
              warnings: Optional[list[str]] = None,
-             out_for: Optional[OutFor] = None) -> Iterator[tuple[str, torch.Tensor]]:
+             out_for: Optional[OutFor] = None, mapped: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, tensor)`` for every planned output key, in plan order.
 
     ``out_for(key)`` may name the tensor a merged key is finally copied into (a loaded
     model's parameter): where its dtype, shape and device fit, the method writes its
     result straight there and that tensor is yielded, saving a full copy of the model.
+
+    ``mapped``: safetensors inputs are mapped (``SafetensorsCheckpoint.map``), not read into
+    buffers: the arithmetic reads the page cache directly. An in-place swap merged this way moved
+    a third of the memory traffic of reading into buffers (SD1.5 on 2 cores: ~1.3 s → see
+    bench/swap.py); a merge to a file keeps the reads.
 
     A merged key holding NaN or Inf is logged (naming the input that brought
     it) and appended to ``warnings``; the merge goes on, as the original's does.
@@ -86,8 +91,9 @@ def run_plan(plan: MergePlan, sources: Sources, *, device: Optional[str] = None,
     stats = run_prepass(plan, sources, compute, progress, readahead_bytes) if plan.method.prepass else {}
     reads = lambda step: step_inputs(step, sources, plan.input_count)  # noqa: E731
     # The thread count is set once for the whole loop: switching it per step cost more than it saved.
-    threads = _merge_threads(plan, compute, chained=any(getattr(m, "plan", None) for m in sources.models))
-    with _Prefetcher(plan.steps, reads, readahead_bytes) as inputs, _intraop_threads(threads):
+    threads = _merge_threads(plan, compute, chained=any(getattr(m, "plan", None) for m in sources.models),
+                             pipeline=0 if mapped else PIPELINE_THREADS)
+    with _Prefetcher(plan.steps, reads, readahead_bytes, mapped=mapped) as inputs, _intraop_threads(threads):
         for step, tensors in inputs:
             progress.check(step.key)
             target = out_for if out_for is None or step.action != "merge" else (lambda k=step.key: out_for(k))
@@ -170,7 +176,8 @@ def compute_step(plan: MergePlan, step: KeyStep, tensors: list[torch.Tensor],
 PIPELINE_THREADS = 2
 
 
-def _merge_threads(plan: MergePlan, device: torch.device, *, chained: bool = False) -> int:
+def _merge_threads(plan: MergePlan, device: torch.device, *, chained: bool = False,
+                   pipeline: int = PIPELINE_THREADS) -> int:
     """torch's threads for one CPU merge step: the cores the pipeline's reader and writer leave.
 
     Elementwise merges are memory-bound; on 2 cores, torch's second thread spinning
@@ -183,7 +190,8 @@ def _merge_threads(plan: MergePlan, device: torch.device, *, chained: bool = Fal
     # torch's thread count is global, so it is left alone there.
     if device.type != "cpu" or plan.method.precision != "native" or chained:
         return threads
-    return max(1, min(threads, (os.cpu_count() or 1) - PIPELINE_THREADS))
+    # Mapped reads (an in-place swap: nothing to write either) leave the pipeline threads idle: all cores.
+    return max(1, min(threads, (os.cpu_count() or 1) - pipeline))
 
 
 @contextlib.contextmanager
@@ -354,12 +362,13 @@ class _Prefetcher:
 
     _DONE = object()
 
-    def __init__(self, items, reads: Callable[[object], list], budget: int):
+    def __init__(self, items, reads: Callable[[object], list], budget: int, *, mapped: bool = False):
         # Idle buffers up to the whole budget stay for reuse: keeping half made the reader drop and
         # re-fault buffers, and an SD1.5 swap waited on it (3.0 s → 1.7 s).
         self.pool = BufferPool(keep_bytes=budget)
         self._items = items
         self._reads = reads
+        self._mapped = mapped  # map safetensors tensors instead of reading them (see run_plan)
         self._budget = budget
         self._in_flight = 0
         self._lock = threading.Condition()
@@ -395,6 +404,8 @@ class _Prefetcher:
             self._queue.put(error)
 
     def _read(self, model, key: str) -> torch.Tensor:
+        if self._mapped and hasattr(model, "map"):
+            return model.map(key)
         return model.read(key, pool=self.pool) if isinstance(model, Checkpoint) else model[key]
 
     def _reserve(self, size: int) -> bool:

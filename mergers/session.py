@@ -242,7 +242,7 @@ class MergeSession:
             self._swapper = Swapper(live)
         # Results are made where the live weights are (a CUDA model gets CUDA results, written in place).
         stream = run_plan(plan, sources, on_progress=on_progress, cancel=self._cancel,
-                          output_device=_device_of(live), out_for=self._swapper.target_for)
+                          output_device=_device_of(live), out_for=self._swapper.target_for, mapped=True)
         with self.host.lock():
             self._swapper.apply(stream, cancel=self._cancel, keep_unwritten=keep_unwritten)
         return True

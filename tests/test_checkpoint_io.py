@@ -255,3 +255,44 @@ def test_background_writes_keep_order_and_surface_errors(tmp_path):
             for i in (0, 5, 6, 7, 8, 9, 10):
                 writes.write(str(i), torch.zeros(3))
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+# mapped tensors (the in-place swap's reads) -------------------------------------------------------
+def mapped_files():
+    """The checkpoint files this process has mapped now."""
+    return [line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+            if line.endswith(".safetensors")]
+
+
+def test_map_gives_the_read_tensors_copy_on_write_and_unmaps_when_dropped(tmp_path):
+    import gc
+
+    from mergers.demo import tiny_state_dict
+
+    path = save_checkpoint(tmp_path / "m.safetensors", tiny_state_dict("sd1", seed=4))
+    before = path.read_bytes()
+    with open_checkpoint(path) as ckpt:
+        for key in ckpt:
+            mapped, read = ckpt.map(key), ckpt[key]
+            assert mapped.dtype == read.dtype and torch.equal(mapped, read), key
+        key = next(k for k in ckpt if ckpt.dtype(k).is_floating_point and len(ckpt.shape(k)) == 2)
+        tensor = ckpt.map(key)
+        tensor.zero_()  # a method may work in place on its inputs: the file never sees it
+        assert str(path) in mapped_files()
+        del tensor, mapped, read
+        gc.collect()
+        assert str(path) not in mapped_files()
+    assert path.read_bytes() == before
+
+
+def test_map_falls_back_to_a_read_while_the_file_is_hashed_from_its_reads(tmp_path, monkeypatch):
+    from mergers.demo import tiny_state_dict
+
+    monkeypatch.setenv("SUPERMERGER_CACHE", str(tmp_path / "cache"))
+    path = save_checkpoint(tmp_path / "m.safetensors", tiny_state_dict("sd1", seed=4))
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.hash_while_reading()
+        for key in ckpt:
+            ckpt.map(key)
+        assert ckpt.sha256() == sha256_of_file(path)  # every byte went through the running hash
+    assert str(path) not in mapped_files()

@@ -608,3 +608,35 @@ def test_target_for_gives_nothing_outside_apply_and_for_inference_tensors(models
     live.tensors = lambda: {OUT_WEIGHT: frozen}
     swapper._applying = swap._Applying(live.tensors(), {}, swap._HostCalls(live))
     assert swapper.target_for(OUT_WEIGHT) is None  # writable only inside inference_mode: copied as before
+
+
+def test_a_session_swap_maps_its_inputs_a_few_tensors_at_a_time_and_keeps_none(tmp_path, monkeypatch):
+    """The swap reads A and B as mappings of the page cache (no copy); none outlives its key.
+    (How many are mapped at once is the read-ahead's byte budget: here the tiny model fits in it.)"""
+    import gc
+    from pathlib import Path
+
+    from mergers.hosts.standalone import FolderHost
+    from mergers.session import MergeSession
+
+    monkeypatch.setenv("SUPERMERGER_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for seed, name in ((1, "a"), (2, "b")):
+        save_checkpoint(folder / f"{name}.safetensors", tiny_state_dict("sd1", seed=seed))
+    live = FakeLive.load(folder / "a.safetensors")
+
+    class Host(FolderHost):
+        def live_model(self):
+            return live
+
+    most = []
+    mapped_now = lambda: sum(line.endswith("b.safetensors") for line in Path("/proc/self/maps").read_text().splitlines())  # noqa: E731
+    session = MergeSession(Host(folder, data_dir=tmp_path / "data"))
+    session.merge(Recipe(model_a="a", model_b="b", alpha=0.3), on_progress=lambda *_: most.append(mapped_now()))
+    gc.collect()
+    assert max(most) > 0
+    assert mapped_now() == 0
+    merged = read_file(merge_to_file(Recipe(model_a=str(folder / "a.safetensors"), model_b=str(folder / "b.safetensors"),
+                                            alpha=0.3), tmp_path / "ab.safetensors").path)
+    assert_same(live, merged)
