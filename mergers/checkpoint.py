@@ -23,6 +23,7 @@ Pickle checkpoints (``.ckpt``/``.pt``/``.pth``) go through
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import mmap
 import os
@@ -191,6 +192,8 @@ class SafetensorsCheckpoint(Checkpoint):
             >>> torch.lerp(a.map(key), b.map(key), 0.5, out=live[key])
         """
         info = self._infos[key]
+        if self._fd < 0:
+            raise CheckpointError(f"{self.path}: the file is closed; cannot map {key!r}")
         element = torch.empty((), dtype=info.dtype).element_size()
         if self._running_hash is not None or info.nbytes == 0 or info.start % element:
             return self._read(key)
@@ -199,8 +202,7 @@ class SafetensorsCheckpoint(Checkpoint):
             mapped = mmap.mmap(self._fd, info.start + info.nbytes - start, offset=start, access=mmap.ACCESS_COPY)
         except (OSError, ValueError) as error:
             raise CheckpointError(f"{self.path}: cannot map {key!r}: {error}") from None
-        if hasattr(mapped, "madvise"):
-            mapped.madvise(mmap.MADV_WILLNEED)  # the kernel starts any disk reads now, ahead of use
+        _populate(mapped, self.path, key)
         self._bytes_read += info.nbytes
         raw = numpy.frombuffer(mapped, dtype=numpy.uint8, count=info.nbytes, offset=info.start - start)
         return torch.from_numpy(raw).view(info.dtype).reshape(info.shape)
@@ -441,6 +443,22 @@ def _string_metadata(metadata: object, path: Path) -> dict[str, str]:
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: bad safetensors metadata (must map strings to strings)")
     return dict(metadata)
+
+
+MADV_POPULATE_READ = 22  # Linux 5.14+: fault every page in now, and report a failure as an error
+
+
+def _populate(mapped: mmap.mmap, path: Path, key: str) -> None:
+    """Fault a fresh mapping in now (on the reader thread), so that a file cut short or a failing disk
+    is a clear error here, not a SIGBUS later in the arithmetic; older kernels get a read-ahead hint."""
+    try:
+        mapped.madvise(MADV_POPULATE_READ)
+    except OSError as error:
+        if error.errno in (errno.EFAULT, errno.EIO, errno.ENOMEM):
+            mapped.close()
+            raise CheckpointError(f"{path}: cannot read {key!r} ({os.strerror(error.errno)}); "
+                                  "was the file changed or cut short?") from None
+        mapped.madvise(mmap.MADV_WILLNEED)  # EINVAL: a kernel before 5.14
 
 
 def _pread_into(fd: int, buffer, offset: int, path: Path, key: str) -> None:

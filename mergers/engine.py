@@ -96,11 +96,14 @@ def run_plan(plan: MergePlan, sources: Sources, *, device: Optional[str] = None,
     with _Prefetcher(plan.steps, reads, readahead_bytes, mapped=mapped) as inputs, _intraop_threads(threads):
         for step, tensors in inputs:
             progress.check(step.key)
-            target = out_for if out_for is None or step.action != "merge" else (lambda k=step.key: out_for(k))
+            finals: list = []  # what out_for gave for this key, if it was asked
+            target = None if out_for is None or step.action != "merge" else (
+                lambda k=step.key: finals.append(out_for(k)) or finals[-1])
             result = compute_step(plan, step, tensors, compute, stats, target=target)
             if step.action == "merge" and not is_finite(result):
                 _warn_non_finite(step.key, tensors, warnings)
-            yield step.key, result.to(output_device)
+            in_place = bool(finals) and finals[-1] is not None and result.data_ptr() == finals[-1].data_ptr()
+            yield step.key, result if in_place else result.to(output_device)
             progress.advance(step.key)
 
 

@@ -487,22 +487,33 @@ def run_search(session: MergeSession, spec: SearchSpec, scorer: Scorer, *,
     log = ScoreLog(session.history.folder / SCORE_LOG, spec)
     result = SearchResult(spec, space.layout, space.blocks, params, log_path=log.path, run=log.run)
     started = time.perf_counter()
+    # The session is held from the first merge to the last: a merge or restore from elsewhere in between
+    # would have a candidate's images made by other weights.
     try:
-        while len(result.candidates) < spec.budget and not (stop is not None and stop()):
-            point = optimizer.ask()
-            candidate, images = _candidate(session, space, params, scorer, point, len(result.candidates) + 1, result,
-                                           on_progress)
-            optimizer.tell(point, candidate.score)
-            result.candidates.append(candidate)
-            log.add(candidate)
-            if on_candidate is not None:
-                on_candidate(candidate, candidate.score, images)
-        result.stopped = len(result.candidates) < spec.budget
-        result.final_history_id = _swap_in_best(session, result, on_progress)
-        log.finish(result)
+        with session.exclusive():
+            _run_candidates(session, spec, space, optimizer, params, scorer, result, log, on_candidate, stop,
+                            on_progress)
     finally:
         result.seconds = time.perf_counter() - started
     return result
+
+
+def _run_candidates(session: MergeSession, spec: SearchSpec, space: SearchSpace, optimizer, params: GenerationParams,
+                    scorer: Scorer, result: SearchResult, log: ScoreLog, on_candidate, stop,
+                    on_progress: ProgressCallback | None) -> None:
+    """Ask, merge, generate, score and tell until the budget is spent or ``stop()``; then the best goes in."""
+    while len(result.candidates) < spec.budget and not (stop is not None and stop()):
+        point = optimizer.ask()
+        candidate, images = _candidate(session, space, params, scorer, point, len(result.candidates) + 1, result,
+                                       on_progress)
+        optimizer.tell(point, candidate.score)
+        result.candidates.append(candidate)
+        log.add(candidate)
+        if on_candidate is not None:
+            on_candidate(candidate, candidate.score, images)
+    result.stopped = len(result.candidates) < spec.budget
+    result.final_history_id = _swap_in_best(session, result, on_progress)
+    log.finish(result)
 
 
 def _candidate(session: MergeSession, space: SearchSpace, params: GenerationParams, scorer: Scorer, point: Point,
@@ -515,9 +526,12 @@ def _candidate(session: MergeSession, space: SearchSpace, params: GenerationPara
     try:
         outcome = session.merge(recipe, only_changed=True, on_progress=on_progress,
                                 history_extra={"search": {"run": result.run, "candidate": number}})
-        images = list(session.generate(params).images)
     except MergeError as error:
         raise SearchError(f"{name}: {error}", result) from error
+    try:
+        images = list(session.generate(params).images)
+    except Exception as error:  # the host's generator (e.g. out of GPU memory): end the search, naming the candidate
+        raise SearchError(f"{name}: generating failed: {type(error).__name__}: {error}", result) from error
     if not images:
         raise SearchError(f"{name}: the generator returned no image", result)
     try:

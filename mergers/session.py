@@ -95,6 +95,7 @@ class MergeSession:
         self._swapper: Swapper | None = None
         self._busy = threading.Lock()
         self._cancel = threading.Event()
+        self._owner: int | None = None  # the thread holding the session (exclusive()), or None
 
     def merge(self, recipe: Recipe, *, on_progress: ProgressCallback | None = None,
               only_changed: bool = False, history_extra: Mapping[str, Any] | None = None) -> MergeOutcome:
@@ -240,9 +241,10 @@ class MergeSession:
             return False
         if self._swapper is None or self._swapper.live is not live:
             self._swapper = Swapper(live)
-        # Results are made where the live weights are (a CUDA model gets CUDA results, written in place).
+        # A result computed straight into a live tensor (CUDA too) is yielded as it is; others come to the
+        # CPU and copy_ converts them to each live tensor's dtype and device.
         stream = run_plan(plan, sources, on_progress=on_progress, cancel=self._cancel,
-                          output_device=_device_of(live), out_for=self._swapper.target_for, mapped=True)
+                          output_device="cpu", out_for=self._swapper.target_for, mapped=True)
         with self.host.lock():
             self._swapper.apply(stream, cancel=self._cancel, keep_unwritten=keep_unwritten)
         return True
@@ -271,8 +273,32 @@ class MergeSession:
         return MergeOutcome(name, plan.recipe, entry.id, plan.count("merge"), swapped, seconds, plan.arch.label,
                             rewritten=rewritten)
 
+    def exclusive(self) -> contextlib.AbstractContextManager:
+        """Hold the session for a run of merges and generations (an auto-merge search): merges, saves and
+        restores from other threads are refused meanwhile, so no one swaps other weights in between a
+        candidate's merge and the image scored for it.
+
+        Example:
+            >>> with session.exclusive():
+            ...     session.merge(candidate); images = session.generate(params)
+        """
+        return self._held()
+
+    @contextlib.contextmanager
+    def _held(self) -> Iterator[None]:
+        me = threading.get_ident()
+        if self._owner not in (None, me):
+            raise MergeBusy("an auto-merge search holds the model; wait for it or stop it")
+        outer, self._owner = self._owner, me
+        try:
+            yield
+        finally:
+            self._owner = outer
+
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
+        if self._owner not in (None, threading.get_ident()):
+            raise MergeBusy("an auto-merge search holds the model; wait for it or stop it")
         if not self._busy.acquire(blocking=False):
             raise MergeBusy("a merge is already running; wait for it or press Stop")
         self._cancel.clear()
@@ -280,12 +306,6 @@ class MergeSession:
             yield
         finally:
             self._busy.release()
-
-
-def _device_of(live) -> str:
-    """The device most of the live model's weights are on ("cpu" for an empty model)."""
-    devices = [tensor.device.type for tensor in live.tensors().values()]
-    return max(set(devices), key=devices.count) if devices else "cpu"
 
 
 def same_but_ratios(old: Recipe, new: Recipe) -> bool:

@@ -296,3 +296,14 @@ def test_map_falls_back_to_a_read_while_the_file_is_hashed_from_its_reads(tmp_pa
             ckpt.map(key)
         assert ckpt.sha256() == sha256_of_file(path)  # every byte went through the running hash
     assert str(path) not in mapped_files()
+
+
+def test_map_after_close_is_a_clear_error(tmp_path):
+    from mergers.demo import tiny_state_dict
+
+    path = save_checkpoint(tmp_path / "m.safetensors", tiny_state_dict("sd1", seed=4))
+    ckpt = open_checkpoint(path)
+    key = next(iter(ckpt))
+    ckpt.close()
+    with pytest.raises(CheckpointError, match="closed"):
+        ckpt.map(key)

@@ -29,7 +29,7 @@ from mergers.search import (
     similarity_to,
     spec_from_dict,
 )
-from mergers.session import MergeSession
+from mergers.session import MergeBusy, MergeSession
 from tests.test_a1111 import _host, checkpoints, webui  # noqa: F401 - pytest fixtures
 from tests.ui_host import UiHost, weights_checksum, write_models
 
@@ -248,6 +248,38 @@ def test_a_failing_scorer_names_the_candidate_and_keeps_what_was_scored(tmp_path
     with pytest.raises(SearchError, match="candidate 1 .*gave nan, not a finite number") as nan:
         run_search(session, _spec(), lambda images, params: float("nan"))
     assert nan.value.result.candidates == []
+
+
+def test_a_search_holds_the_session_against_merges_and_restores_from_elsewhere(tmp_path):
+    """Between a candidate's merge and its score no one else may swap other weights in."""
+    session, refusals = _session(tmp_path), []
+
+    def meddle(candidate, score, images):  # another user of the tab or the API, on another thread
+        def other():
+            for action in (lambda: session.merge(BASE), session.restore):
+                try:
+                    action()
+                except MergeBusy as error:
+                    refusals.append(str(error))
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+
+    result = run_search(session, _spec(budget=2), _red, on_candidate=meddle)
+    assert len(refusals) == 4 and all("auto-merge search" in r for r in refusals)
+    assert session.current.recipe == result.best.recipe
+    session.merge(BASE)  # free again once the search is over
+
+
+def test_a_failing_generator_names_the_candidate(tmp_path):
+    session = _session(tmp_path)
+
+    def broken(params):
+        raise RuntimeError("CUDA out of memory")
+
+    session.host.generate = lambda params, **extra: broken(params)
+    with pytest.raises(SearchError, match=r"candidate 1 .*generating failed: RuntimeError: CUDA out of memory"):
+        run_search(session, _spec(), _red)
 
 
 def test_a_merge_that_fails_midway_leaves_the_model_as_loaded_and_restorable(tmp_path):
