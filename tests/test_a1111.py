@@ -327,18 +327,21 @@ def test_a_merge_failing_half_way_leaves_the_model_as_it_was(webui, tmp_path, mo
 
 
 def _fail_reading(filename: str, *, after: int, monkeypatch) -> None:
-    """Make reads of ``filename`` fail after ``after`` tensors, as a truncated or vanished file does."""
-    read = SafetensorsCheckpoint._read
+    """Make reads of ``filename`` fail after ``after`` tensors, as a truncated or vanished file does
+    (reads into buffers, and the mapped reads an in-place swap makes)."""
     count = {"n": 0}
 
-    def failing(self, key, *args, **kwargs):
-        if self.path.name == filename:
-            count["n"] += 1
-            if count["n"] > after:
-                raise CheckpointError(f"{self.path}: read failed at {key}")
-        return read(self, key, *args, **kwargs)
+    def failing(real):
+        def method(self, key, *args, **kwargs):
+            if self.path.name == filename:
+                count["n"] += 1
+                if count["n"] > after:
+                    raise CheckpointError(f"{self.path}: read failed at {key}")
+            return real(self, key, *args, **kwargs)
+        return method
 
-    monkeypatch.setattr(SafetensorsCheckpoint, "_read", failing)
+    monkeypatch.setattr(SafetensorsCheckpoint, "_read", failing(SafetensorsCheckpoint._read))
+    monkeypatch.setattr(SafetensorsCheckpoint, "map", failing(SafetensorsCheckpoint.map))
 
 
 def test_restore_after_a1111_loaded_another_checkpoint_is_refused(webui, merged):

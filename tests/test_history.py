@@ -297,3 +297,18 @@ def test_concurrent_adds_from_threads_get_unique_ids(tmp_path):
     assert sorted(ids) == list(range(1, 65))
     assert [e.id for e in History(tmp_path).entries(newest_first=False)] == list(range(1, 65))
     assert not list(tmp_path.glob("*.corrupt-*"))
+
+
+def test_adds_parse_the_file_only_when_someone_else_changed_it(tmp_path, monkeypatch):
+    import mergers.history as history_module
+
+    parsed = []
+    real_parse = history_module._parse_file
+    monkeypatch.setattr(history_module, "_parse_file", lambda path: parsed.append(path) or real_parse(path))
+    ours, theirs = History(tmp_path), History(tmp_path)  # theirs: another tab, process or session
+    recipe = Recipe(model_a="a", model_b="b")
+    assert [ours.add(recipe, name="x").id for _ in range(3)] == [1, 2, 3]
+    assert len(parsed) == 1  # the first add only: then our own last write tells the next ID
+    assert theirs.add(recipe, name="y").id == 4
+    assert ours.add(recipe, name="z").id == 5  # their line changed the file: ours reads it again
+    assert [e.id for e in History(tmp_path).entries(newest_first=False)] == [1, 2, 3, 4, 5]
