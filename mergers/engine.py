@@ -105,6 +105,7 @@ def run_plan(plan: MergePlan, sources: Sources, *, device: Optional[str] = None,
             in_place = bool(finals) and finals[-1] is not None and result.data_ptr() == finals[-1].data_ptr()
             yield step.key, result if in_place else result.to(output_device)
             progress.advance(step.key)
+            del tensors, result, finals, target  # the reader drops the inputs (see _Prefetcher.__iter__)
 
 
 def run_prepass(plan: MergePlan, sources: Sources, device: torch.device, progress: "_Progress",
@@ -372,6 +373,7 @@ class _Prefetcher:
         self._items = items
         self._reads = reads
         self._mapped = mapped  # map safetensors tensors instead of reading them (see run_plan)
+        self._retired: list = []  # mapped inputs the consumer is done with, for the reader to drop
         self._budget = budget
         self._in_flight = 0
         self._lock = threading.Condition()
@@ -392,11 +394,16 @@ class _Prefetcher:
                 raise item
             entry, tensors, size = item
             yield entry, tensors
+            if self._mapped:  # unmapping 4 GB of populated pages took the main thread 0.3 s: the reader does it
+                with self._lock:
+                    self._retired.append(tensors)
+            del item, entry, tensors
             self._release(size)
 
     def _run(self) -> None:
         try:
             for item in self._items:
+                self._drop_retired()
                 tensors = PooledInputs((self._read(model, key) for model, key in self._reads(item)), self.pool)
                 size = sum(t.numel() * t.element_size() for t in tensors)
                 if not self._reserve(size):
@@ -405,6 +412,12 @@ class _Prefetcher:
             self._queue.put(self._DONE)
         except BaseException as error:  # handed to the consumer, which raises it
             self._queue.put(error)
+
+    def _drop_retired(self) -> None:
+        """Let go of the inputs the consumer is done with, here on the reader thread."""
+        with self._lock:
+            retired, self._retired = self._retired, []
+        del retired
 
     def _read(self, model, key: str) -> torch.Tensor:
         if self._mapped and hasattr(model, "map"):
@@ -428,4 +441,7 @@ class _Prefetcher:
         self._stop.set()
         with self._lock:
             self._lock.notify_all()
-        self._thread.join(timeout=60)
+        # An abandoned merge stream may be finalised by the garbage collector on any thread, its own
+        # reader's included; that thread ends by itself once stopped.
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=60)

@@ -592,9 +592,10 @@ def test_a_direct_merge_that_fails_half_way_puts_back_the_key_it_was_writing(mod
     live = FakeLive.load(models["a"])
     original = live.snapshot()
     swapper = Swapper(live)
+    stream = merge_stream(recipe(models, 0.3), out_for=swapper.target_for)
     with pytest.raises(RuntimeError, match="disk gone"):
-        swapper.apply(failing_after(merge_stream(recipe(models, 0.3), out_for=swapper.target_for), 40,
-                                    RuntimeError("disk gone")))
+        swapper.apply(failing_after(stream, 40, RuntimeError("disk gone")))
+    stream.close()  # its reader thread ends now, not whenever the garbage collector gets to it
     assert_original(live, original)
     assert not swapper.merged
 
