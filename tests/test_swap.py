@@ -523,28 +523,34 @@ def test_a_hundred_merge_restore_cycles_give_back_the_same_bytes(tmp_path):
     assert live.after_calls == [True, False] * 100
 
 
+def session_over_two_models(tmp_path, monkeypatch):
+    """A MergeSession over tiny SD1 models a and b in tmp_path/models, with a loaded from its file."""
+    from mergers.hosts.standalone import FolderHost
+    from mergers.session import MergeSession
+
+    monkeypatch.setenv("SUPERMERGER_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for seed, name in ((1, "a"), (2, "b")):
+        save_checkpoint(folder / f"{name}.safetensors", tiny_state_dict("sd1", seed=seed))
+    live = FakeLive.load(folder / "a.safetensors")
+
+    class Host(FolderHost):
+        def live_model(self):
+            return live
+
+    return MergeSession(Host(folder, data_dir=tmp_path / "data")), live
+
+
 def test_repeated_merges_through_the_session_do_not_grow_memory(tmp_path, monkeypatch):
     """The original's most reported bug: RAM grows with every merge. Ours stays flat (real merges, SD1 layout)."""
     import gc
 
     import psutil
 
-    from mergers.hosts.standalone import FolderHost
     from mergers.recipe import Recipe
-    from mergers.session import MergeSession
 
-    monkeypatch.setenv("SUPERMERGER_CACHE", str(tmp_path / "cache"))
-    models = tmp_path / "models"
-    models.mkdir()
-    for seed, name in ((1, "a"), (2, "b")):
-        save_checkpoint(models / f"{name}.safetensors", tiny_state_dict("sd1", seed=seed))
-    live = FakeLive.load(models / "a.safetensors")
-
-    class Host(FolderHost):
-        def live_model(self):
-            return live
-
-    session = MergeSession(Host(models, data_dir=tmp_path / "data"))
+    session, _ = session_over_two_models(tmp_path, monkeypatch)
     process = psutil.Process()
 
     def cycles(count):
@@ -617,23 +623,10 @@ def test_a_session_swap_maps_its_inputs_a_few_tensors_at_a_time_and_keeps_none(t
     import gc
     from pathlib import Path
 
-    from mergers.hosts.standalone import FolderHost
-    from mergers.session import MergeSession
-
-    monkeypatch.setenv("SUPERMERGER_CACHE", str(tmp_path / "cache"))
+    session, live = session_over_two_models(tmp_path, monkeypatch)
     folder = tmp_path / "models"
-    folder.mkdir()
-    for seed, name in ((1, "a"), (2, "b")):
-        save_checkpoint(folder / f"{name}.safetensors", tiny_state_dict("sd1", seed=seed))
-    live = FakeLive.load(folder / "a.safetensors")
-
-    class Host(FolderHost):
-        def live_model(self):
-            return live
-
     most = []
     mapped_now = lambda: sum(line.endswith("b.safetensors") for line in Path("/proc/self/maps").read_text().splitlines())  # noqa: E731
-    session = MergeSession(Host(folder, data_dir=tmp_path / "data"))
     session.merge(Recipe(model_a="a", model_b="b", alpha=0.3), on_progress=lambda *_: most.append(mapped_now()))
     gc.collect()
     assert max(most) > 0
