@@ -502,7 +502,7 @@ def _run_candidates(session: MergeSession, spec: SearchSpec, space: SearchSpace,
                     scorer: Scorer, result: SearchResult, log: ScoreLog, on_candidate, stop,
                     on_progress: ProgressCallback | None) -> None:
     """Ask, merge, generate, score and tell until the budget is spent or ``stop()``; then the best goes in."""
-    while len(result.candidates) < spec.budget and not (stop is not None and stop()):
+    while len(result.candidates) < spec.budget and not (stop is not None and stop()) and not session.halted:
         point = optimizer.ask()
         candidate, images = _candidate(session, space, params, scorer, point, len(result.candidates) + 1, result,
                                        on_progress)

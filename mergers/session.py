@@ -96,6 +96,7 @@ class MergeSession:
         self._busy = threading.Lock()
         self._cancel = threading.Event()
         self._owner: int | None = None  # the thread holding the session (exclusive()), or None
+        self._halt = threading.Event()  # Stop pressed while the session is held: the holder ends its run
 
     def merge(self, recipe: Recipe, *, on_progress: ProgressCallback | None = None,
               only_changed: bool = False, history_extra: Mapping[str, Any] | None = None) -> MergeOutcome:
@@ -219,8 +220,16 @@ class MergeSession:
                 self.current = None
 
     def stop(self) -> None:
-        """Cancel the running merge or save (it restores what it changed)."""
+        """Cancel the running merge or save (it restores what it changed), and end a run that holds the
+        session (an auto-merge search) after its current step, even when no merge is running right now."""
         self._cancel.set()
+        if self._owner is not None:
+            self._halt.set()
+
+    @property
+    def halted(self) -> bool:
+        """True when Stop was pressed since the session was last taken with ``exclusive()``."""
+        return self._halt.is_set()
 
     def recipe_from_history(self, merge_id: int) -> HistoryEntry:
         """A past merge by ID (-1 = the last one), to fill the tab or replay."""
@@ -290,6 +299,8 @@ class MergeSession:
         if self._owner not in (None, me):
             raise MergeBusy("an auto-merge search holds the model; wait for it or stop it")
         outer, self._owner = self._owner, me
+        if outer is None:
+            self._halt.clear()
         try:
             yield
         finally:

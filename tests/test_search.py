@@ -339,3 +339,11 @@ def test_a_search_in_the_a1111_stand_in_scores_real_generations_with_sharpness(w
     final = session.generate(PARAMS)
     assert sharpness(final.images, PARAMS) == result.best.score
     assert f"SuperMerger ID: {session.current.history_id}" in final.infotext
+
+
+def test_the_sessions_stop_between_merges_ends_the_search_after_the_current_candidate(tmp_path):
+    """Stop (the tab's or the API's /cancel) pressed while a candidate generates is not lost."""
+    session = _session(tmp_path)
+    result = run_search(session, _spec(), _red, on_candidate=lambda c, score, images: c.number == 2 and session.stop())
+    assert len(result.candidates) == 2 and result.stopped
+    assert len(run_search(session, _spec(budget=2), _red).candidates) == 2  # the next search starts afresh
