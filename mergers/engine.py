@@ -72,9 +72,9 @@ def run_plan(plan: MergePlan, sources: Sources, *, device: Optional[str] = None,
     result straight there and that tensor is yielded, saving a full copy of the model.
 
     ``mapped``: safetensors inputs are mapped (``SafetensorsCheckpoint.map``), not read into
-    buffers: the arithmetic reads the page cache directly. An in-place swap merged this way moved
-    a third of the memory traffic of reading into buffers (SD1.5 on 2 cores: ~1.3 s → see
-    bench/swap.py); a merge to a file keeps the reads.
+    buffers: the arithmetic reads the page cache directly, with no copy (an SD1.5 swap on 2 cores:
+    1.2–1.4 s → 0.8–1.0 s, bench/swap.py). A merge to a file keeps the reads: mapping made no
+    measurable difference there, where the write sets the pace.
 
     A merged key holding NaN or Inf is logged (naming the input that brought
     it) and appended to ``warnings``; the merge goes on, as the original's does.

@@ -321,3 +321,18 @@ def test_full_size_flux_fp8_merge_is_planned_key_by_key(tmp_path):
     # The whole model is 11.9 GB; one key, the most a merge holds of any input, is 66 MB (single_blocks linear1).
     assert 11.9e9 < total < 12.0e9 and largest == 21504 * 3072
     assert {step.alpha for step in merges if block_of(step.key, "flux").startswith("S")} == {0.8}
+
+
+@pytest.mark.parametrize("mode", ["Triple sum", "sum Twice"])
+def test_three_model_elementwise_methods_give_the_same_bytes_a_stretch_at_a_time(tmp_path, monkeypatch, mode):
+    """Widened inputs (fp8 here; sum Twice also widens fp16) go a stretch at a time: same bytes as whole keys."""
+    import mergers.engine
+
+    paths = [write(tmp_path, f"{n}.safetensors", small_flux(n, torch.float8_e4m3fn)) for n in (1, 2, 3)]
+    recipe = Recipe(*paths, mode=mode, alpha=0.3, beta=0.2)
+    whole = load(merge_to_file(recipe, tmp_path / "whole.safetensors").path)
+    monkeypatch.setattr(mergers.engine, "STRETCH", 5)
+    stretched = load(merge_to_file(recipe, tmp_path / "stretched.safetensors").path)
+    assert whole.keys() == stretched.keys()
+    for key in whole:
+        assert torch.equal(whole[key].view(torch.uint8), stretched[key].view(torch.uint8)), key
