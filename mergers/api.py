@@ -126,6 +126,9 @@ class MergeRequest(_Body):
     output: str | None = Field(None, description="file name to save under the models folder; with no "
                                                     "loaded model the merge is always saved (default: its name)")
     overwrite: bool = Field(False, description="replace an existing output file")
+    allow_non_finite: bool = Field(False, description="save even when a merged key holds NaN or Inf (listed in "
+                                                      "warnings); it is never swapped into the loaded model. "
+                                                      "Default: refuse (400 naming the key)")
 
 
 class GenerationRequest(_Body):
@@ -162,6 +165,8 @@ class SearchRequest(_Body):
     children: int | None = Field(None, description="es: candidates per generation (λ, default 1)")
     scorer: str = Field("sharpness", description="sharpness, or similarity (to the reference image)")
     reference: str | None = Field(None, description="the similarity scorer's target: a PNG or JPEG, base64")
+    restore: bool | None = Field(None, description="at the end, restore the checkpoint's own weights instead of "
+                                                   "swapping in the best candidate (default false)")
 
 
 class SearchStopResponse(BaseModel):
@@ -219,6 +224,19 @@ class MergeResponse(BaseModel):
     shorthash: str | None = None
     models: dict[str, InputModel]
     seconds: Timings
+    warnings: list[str] = Field(default_factory=list)  # e.g. NaN keys that allow_non_finite let a save write
+
+
+class StateResponse(BaseModel):
+    """What the loaded model holds now (the web UI's indicator polls this)."""
+
+    merged: bool  # a merge (or a LoRA applied by the tab) is swapped into the loaded model
+    name: str | None = None
+    history_id: int | None = None
+    recipe: dict[str, Any] | None = None
+    warnings: list[str] = Field(default_factory=list)
+    changed_keys: int = 0
+    checkpoint: str | None = None  # the loaded checkpoint's file name (None: no model loaded)
 
 
 class GenerateResponse(MergeResponse):
@@ -415,6 +433,54 @@ def make_router(session: MergeSession, *, dependencies: Sequence[Any] = ()) -> A
     return router
 
 
+def make_state_router(session: MergeSession, *, dependencies: Sequence[Any] = ()) -> APIRouter:
+    """Only ``GET /state`` and ``POST /restore``: what the web UI's indicator (``javascript/``) needs, for
+    an A1111 that serves no API (no ``--api``); :func:`make_router` includes both.
+
+    Example:
+        >>> app.include_router(make_state_router(session))
+    """
+    router = APIRouter(prefix=PREFIX, tags=[TAG], dependencies=list(dependencies))
+    _add_state(router, session)
+    _add_restore(router, session)
+    return router
+
+
+def webui_routers(session: MergeSession, *, api: bool, api_auth: str | None = None,
+                  gradio_auth: str | None = None) -> list[APIRouter]:
+    """What the web UI's app serves: every route when it serves an API (``--api``/``--nowebui``), behind
+    ``--api-auth``; else only the indicator's (:func:`make_state_router`), unless the page is behind
+    ``--gradio-auth`` with no ``--api-auth`` to guard them (the indicator then stays hidden).
+
+    Example:
+        >>> webui_routers(session, api=False)[0].routes[0].path
+        '/supermerger/v1/state'
+    """
+    dependencies = basic_auth(api_auth)
+    if api:
+        return [make_router(session, dependencies=dependencies)]
+    if gradio_auth and not api_auth:
+        return []
+    return [make_state_router(session, dependencies=dependencies)]
+
+
+def _add_state(router: APIRouter, session: MergeSession) -> None:
+    @router.get("/state", response_model=StateResponse,
+                summary="What is swapped into the loaded model now: the merge (name, ID, recipe, warnings) or none")
+    def state():
+        return session.state()
+
+
+def _add_restore(router: APIRouter, session: MergeSession) -> None:
+    @router.post("/restore", response_model=RestoreResponse,
+                 summary="Put the loaded model's original weights back")
+    def restore():
+        try:
+            return {"restored": session.restore()}
+        except MergeError as error:
+            raise http_error(error) from None
+
+
 def _add_lists(router: APIRouter, session: MergeSession) -> None:
     @router.get("/models", response_model=list[ModelItem], summary="The checkpoints a recipe may name")
     def models():
@@ -477,13 +543,8 @@ def _add_control(router: APIRouter, session: MergeSession, slot: MergeSlot) -> N
         session.stop()
         return {"cancelled": running}
 
-    @router.post("/restore", response_model=RestoreResponse,
-                 summary="Put the loaded model's original weights back")
-    def restore():
-        try:
-            return {"restored": session.restore()}
-        except MergeError as error:
-            raise http_error(error) from None
+    _add_state(router, session)
+    _add_restore(router, session)
 
 
 def _add_search(router: APIRouter, session: MergeSession, slot: MergeSlot) -> None:
@@ -587,19 +648,26 @@ def _merge(session: MergeSession, slot: MergeSlot, request: MergeRequest, *,
     with slot.running():
         try:
             slot.phase("merging")
-            outcome = session.merge(recipe, on_progress=slot.progress)
-            saved = _save(session, slot, outcome, target, request.overwrite)
-            generated = _generate(session, slot, params) if params is not None else None
+            # Recorded after the save, so the history line holds the save's warnings too.
+            outcome = session.merge(recipe, on_progress=slot.progress, allow_non_finite=request.allow_non_finite,
+                                    record=False)
+            saved = None
+            try:
+                saved = _save(session, slot, outcome, target, request.overwrite, request.allow_non_finite)
+            finally:
+                outcome = session.record_history(warnings=saved["warnings"] if saved else ())
+            generated = _generate(session, slot, params) if params is not None and not outcome.refused else None
         except MergeError as error:
             raise http_error(error, request.recipe) from None
     response = _merge_response(session, outcome, saved, time.perf_counter() - started)
-    if generated is not None:
-        response.update(images=[_png_base64(image) for image in generated.images], infotext=generated.infotext)
+    if params is not None:  # a merge refused for NaN/Inf is not generated with: its warnings say why
+        response.update(images=[_png_base64(image) for image in generated.images] if generated else [],
+                        infotext=generated.infotext if generated else "")
     return response
 
 
 def _save(session: MergeSession, slot: MergeSlot, outcome: MergeOutcome, target: Path | None,
-          overwrite: bool) -> dict | None:
+          overwrite: bool, allow_non_finite: bool = False) -> dict | None:
     """Save when asked, and always when nothing was swapped in (else the merge would be lost)."""
     if target is None and outcome.swapped:
         return None
@@ -609,11 +677,12 @@ def _save(session: MergeSession, slot: MergeSlot, outcome: MergeOutcome, target:
     slot.phase("saving")
     started = time.perf_counter()
     path = session.save(target.name, dtype=recipe.dtype, prune=recipe.prune, bake_vae=recipe.bake_vae,
-                        overwrite=overwrite, on_progress=slot.progress)
+                        overwrite=overwrite, on_progress=slot.progress, allow_non_finite=allow_non_finite)
     saved_at = time.perf_counter()
     slot.phase("hashing")
     sha256 = sha256_of_file(path)  # one read of the new file; cached for the next use
-    return {"path": path, "sha256": sha256, "save": saved_at - started, "hash": time.perf_counter() - saved_at}
+    return {"path": path, "sha256": sha256, "save": saved_at - started, "hash": time.perf_counter() - saved_at,
+            "warnings": session.save_warnings}
 
 
 def _generate(session: MergeSession, slot: MergeSlot, params: GenerationParams):
@@ -631,6 +700,7 @@ def _merge_response(session: MergeSession, outcome: MergeOutcome, saved: dict | 
         "shorthash": saved["sha256"][:SHORTHASH_LENGTH] if path else None,
         "models": _input_hashes(session, outcome.recipe),
         "seconds": {"merge": outcome.seconds, "save": saved.get("save"), "hash": saved.get("hash"), "total": total},
+        "warnings": list(outcome.warnings),
     }
 
 

@@ -2,7 +2,7 @@
 
 ``open_checkpoint(path)`` returns a read-only ``Mapping[str, Tensor]`` whose keys
 come in file order. For safetensors only the header is parsed up front; each
-tensor is read with ``os.pread`` when it is asked for, so a merge holds a few
+tensor is read at its offset (``pread``; see ``mergers.fileio``) when it is asked for, so a merge holds a few
 tensors, never a model. We read instead of mapping the file because mapped
 pages count towards the process's RSS until unmapped.
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import json
 import mmap
 import os
@@ -39,6 +40,7 @@ import numpy
 import torch
 
 from mergers.errors import CheckpointError, UnsafeCheckpointError
+from mergers.fileio import open_for_reading, pread, pread_into
 from mergers.hashing import RunningHash, cached_sha256, legacy_hash, remember_sha256, sha256_of_file
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -159,7 +161,7 @@ class SafetensorsCheckpoint(Checkpoint):
     """A safetensors file: header parsed once, tensors read by ``pread``."""
 
     def __init__(self, path: Path):
-        self._fd = os.open(path, os.O_RDONLY)
+        self._fd = open_for_reading(path)
         try:
             size = os.fstat(self._fd).st_size
             header, data_start = _read_header(self._fd, size, path)
@@ -384,12 +386,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 def _read_header(fd: int, size: int, path: Path) -> tuple[dict, int]:
     if size < 8:
         raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-    (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    (length,) = struct.unpack("<Q", pread(fd, 8, 0))
     if length > MAX_HEADER_BYTES:
         raise CheckpointError(f"{path}: safetensors header of {length} bytes is too large (corrupt file?)")
     if 8 + length > size:
         raise CheckpointError(f"{path}: truncated safetensors file (header says {length} bytes, file has {size - 8})")
-    raw = os.pread(fd, length, 8)
+    raw = pread(fd, length, 8)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -445,12 +447,15 @@ def _string_metadata(metadata: object, path: Path) -> dict[str, str]:
     return dict(metadata)
 
 
+CAN_ADVISE = hasattr(mmap.mmap, "madvise")  # absent on Windows
 MADV_POPULATE_READ = 22  # Linux 5.14+: fault every page in now, and report a failure as an error
 
 
 def _populate(mapped: mmap.mmap, path: Path, key: str) -> None:
     """Fault a fresh mapping in now (on the reader thread), so that a file cut short or a failing disk
     is a clear error here, not a SIGBUS later in the arithmetic; older kernels get a read-ahead hint."""
+    if not CAN_ADVISE:  # Windows: pages fault in as the arithmetic touches them
+        return
     try:
         mapped.madvise(MADV_POPULATE_READ)
     except OSError as error:
@@ -458,14 +463,15 @@ def _populate(mapped: mmap.mmap, path: Path, key: str) -> None:
             mapped.close()
             raise CheckpointError(f"{path}: cannot read {key!r} ({os.strerror(error.errno)}); "
                                   "was the file changed or cut short?") from None
-        mapped.madvise(mmap.MADV_WILLNEED)  # EINVAL: a kernel before 5.14
+        with contextlib.suppress(OSError, AttributeError):  # EINVAL: a kernel before 5.14, or macOS
+            mapped.madvise(mmap.MADV_WILLNEED)
 
 
 def _pread_into(fd: int, buffer, offset: int, path: Path, key: str) -> None:
     view = memoryview(buffer).cast("B")
     done = 0
     while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
+        got = pread_into(fd, view[done:], offset + done)
         if got == 0:
             raise CheckpointError(f"{path}: truncated file while reading {key!r}")
         done += got
@@ -486,16 +492,23 @@ def _inert_globals() -> list:
     """Globals of real SD ``.ckpt`` files that are data, not code, allowed on top of torch's own."""
     names = ["pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"]
     allowed: list = [(_InertObject, name) for name in names]
-    try:  # old checkpoints store global_step as a numpy scalar
-        import numpy
-
-        core = getattr(numpy, "_core", None) or numpy.core  # renamed in numpy 2
-        scalar = core.multiarray.scalar
+    scalar = _numpy_scalar()
+    if scalar is not None:  # old checkpoints store global_step as a numpy scalar
         allowed += [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
                     numpy.dtype] + [type(numpy.dtype(code)) for code in ("f8", "i8", "f4")]
-    except (ImportError, AttributeError):
-        pass
     return allowed
+
+
+def _numpy_scalar():
+    """numpy's pickled-scalar constructor, which numpy 2 moved from ``numpy.core`` to ``numpy._core``.
+
+    numpy 1.26 (A1111 v1.10 pins it) also has a ``numpy._core`` once torch is imported, but an empty
+    stub: ask each for ``multiarray.scalar`` rather than trusting the name.
+    """
+    for name in ("_core", "core"):
+        with contextlib.suppress(ImportError, AttributeError):
+            return importlib.import_module(f"numpy.{name}.multiarray").scalar
+    return None
 
 
 def _safe_torch_load(path: Path) -> object:

@@ -20,6 +20,7 @@ from mergers.checkpoint import open_checkpoint
 from mergers.demo import ensure_demo_models
 from mergers.dice import Dice
 from mergers.errors import MergeError
+from mergers.fileio import ensure_utf8_console
 from mergers.estimate import estimate
 from mergers.interop import describe_stored_recipes, rerunnable_recipe
 from mergers.merge import merge_to_file, open_sources, resolve_path
@@ -79,6 +80,7 @@ def _add_merge(commands) -> None:
     _add_key_options(cmd)
     _add_dice_options(cmd)
     _add_output_options(cmd)
+    add_allow_non_finite(cmd)
     cmd.add_argument("--prune", action="store_true", help="drop EMA and training-only keys")
     cmd.add_argument("--reset-clip", action="store_true", help="reset broken CLIP position_ids to 0..76")
     cmd.add_argument("--bake-vae", metavar="VAE", help="replace the VAE with this file's weights")
@@ -127,6 +129,12 @@ def _add_output_options(cmd) -> None:
     cmd.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never an input)")
 
 
+def add_allow_non_finite(cmd) -> None:
+    """``--allow-non-finite``: a merged key holding NaN/Inf is written (and warned about), not refused."""
+    cmd.add_argument("--allow-non-finite", action="store_true",
+                     help="write the file even when a merged key holds NaN or Inf (default: refuse, naming the key)")
+
+
 def _add_info(commands) -> None:
     cmd = commands.add_parser("info", help="architecture, dtypes, hashes and stored recipe of a checkpoint")
     cmd.add_argument("file", metavar="FILE")
@@ -142,6 +150,7 @@ def _add_recipe(commands) -> None:
     cmd.add_argument("file", metavar="FILE")
     cmd.add_argument("--models", metavar="DIR", default=".", help="folder holding the input models (default .)")
     _add_output_options(cmd)
+    add_allow_non_finite(cmd)
     cmd.set_defaults(run=run_recipe)
 
 
@@ -201,7 +210,8 @@ def _merge_and_report(recipe: Recipe, args, resolve=None) -> int:
             bar.update(done - bar.n)
 
         result = merge_to_file(recipe, args.output, device=args.device, overwrite=args.overwrite,
-                               on_progress=progress, **options)
+                               on_progress=progress, allow_non_finite=getattr(args, "allow_non_finite", False),
+                               **options)
     plan = result.plan
     size = _size_text(result.path.stat().st_size)
     print(f"{plan.method.label} ({plan.method.formula}) of {plan.arch.label} models: "
@@ -210,6 +220,8 @@ def _merge_and_report(recipe: Recipe, args, resolve=None) -> int:
         if weights is not None:
             print(f"{name} by block: {weights.as_readable()}")
     print(f"wrote {result.path} ({size}) in {result.seconds:.1f} s")
+    for warning in result.warnings:
+        print(f"warning: {warning}")
     return 0
 
 
@@ -284,6 +296,7 @@ def run_demo(args) -> int:
 
 
 def main(argv: list[str] | None = None, command_modules: tuple[str, ...] = COMMAND_MODULES) -> int:
+    ensure_utf8_console()
     args = build_parser(command_modules).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:

@@ -24,7 +24,7 @@ from typing import Optional, Protocol
 import torch
 
 from mergers.checkpoint import BufferPool, Checkpoint
-from mergers.errors import MergeCancelled, MergeError
+from mergers.errors import MergeCancelled, MergeError, NonFiniteError
 from mergers.plan import KeyStep, MergePlan, Sources
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,18 @@ def resolve_device(name: Optional[str]) -> torch.device:
     if wanted.startswith("cuda") and not torch.cuda.is_available():
         log.warning("CUDA was asked for but is not available; merging on the CPU")
         return torch.device("cpu")
+    if wanted.startswith("mps") and not _mps_available():
+        log.warning("MPS was asked for but is not available; merging on the CPU")
+        return torch.device("cpu")
     try:
         return torch.device(wanted)
     except RuntimeError:
-        raise MergeError(f"unknown device {name!r}; use cpu, cuda or auto") from None
+        raise MergeError(f"unknown device {name!r}; use cpu, cuda, mps or auto") from None
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend and backend.is_available())
 
 
 def run_plan(plan: MergePlan, sources: Sources, *, device: Optional[str] = None,
@@ -64,7 +72,8 @@ def run_plan(plan: MergePlan, sources: Sources, *, device: Optional[str] = None,
              cancel: Optional[CancelToken] = None,
              readahead_bytes: int = DEFAULT_READAHEAD_BYTES,
              warnings: Optional[list[str]] = None,
-             out_for: Optional[OutFor] = None, mapped: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+             out_for: Optional[OutFor] = None, mapped: bool = False,
+             allow_non_finite: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, tensor)`` for every planned output key, in plan order.
 
     ``out_for(key)`` may name the tensor a merged key is finally copied into (a loaded
@@ -76,8 +85,11 @@ def run_plan(plan: MergePlan, sources: Sources, *, device: Optional[str] = None,
     1.2–1.4 s → 0.8–1.0 s, bench/swap.py). A merge to a file keeps the reads: mapping made no
     measurable difference there, where the write sets the pace.
 
-    A merged key holding NaN or Inf is logged (naming the input that brought
-    it) and appended to ``warnings``; the merge goes on, as the original's does.
+    A merged key holding NaN or Inf stops the merge before that key is yielded: it raises
+    ``NonFiniteError`` naming the key, the method and the input or formula that made it (a key
+    computed straight into ``out_for``'s tensor is already there: the caller puts it back, as
+    ``Swapper.apply`` does for any failure). ``allow_non_finite``: log it, append it to ``warnings``
+    and go on, as the original does.
 
     Methods with a prepass (cosineA/B) first stream A and B once for their
     statistics; progress counts both passes.
@@ -101,7 +113,7 @@ def run_plan(plan: MergePlan, sources: Sources, *, device: Optional[str] = None,
                 lambda k=step.key: finals.append(out_for(k)) or finals[-1])
             result = compute_step(plan, step, tensors, compute, stats, target=target)
             if step.action == "merge" and not is_finite(result):
-                _warn_non_finite(step.key, tensors, warnings)
+                _non_finite(plan, step, tensors, result, warnings, allow=allow_non_finite)
             in_place = bool(finals) and finals[-1] is not None and result.data_ptr() == finals[-1].data_ptr()
             yield step.key, result if in_place else result.to(output_device)
             progress.advance(step.key)
@@ -152,13 +164,38 @@ def is_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def _warn_non_finite(key: str, tensors: list[torch.Tensor], warnings: Optional[list]) -> None:
-    culprits = [role for role, t in zip("ABC", tensors) if not is_finite(t)]
-    source = f"model {'/'.join(culprits)} has NaN/Inf there" if culprits else "the formula produced NaN/Inf"
-    message = f"{key!r}: merged result is not finite ({source})"
+def _non_finite(plan: MergePlan, step: KeyStep, tensors: list[torch.Tensor], result: torch.Tensor,
+                warnings: Optional[list], *, allow: bool) -> None:
+    """Refuse a non-finite result (NonFiniteError), or with ``allow`` log it and add it to ``warnings``."""
+    message = non_finite_message(plan, step.key, tensors, result)
+    if not allow:
+        raise NonFiniteError(message, key=step.key, method=plan.method.label)
     log.warning(message)
     if warnings is not None:
         warnings.append(message)
+
+
+ROLES = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # model A, B, C, then more_models D, E, …
+
+
+def non_finite_message(plan: MergePlan, key: str, tensors: list[torch.Tensor], result: torch.Tensor) -> str:
+    """What a non-finite merged key says: the key, what it holds, the method, and where it came from
+    (an input that holds NaN/Inf there, the output dtype's range, or the method's formula)."""
+    culprits = [role for role, tensor in zip(ROLES, tensors) if not is_finite(tensor)]
+    wide = result.float() if result.dtype in FP8_DTYPES else result
+    kinds = " and ".join(kind for kind, found in (("NaN", torch.isnan(wide).any()), ("Inf", torch.isinf(wide).any()))
+                         if found) or "NaN/Inf"
+    method = plan.method
+    if culprits:
+        source = f"model {'/'.join(culprits)} holds NaN/Inf there"
+    elif kinds == "Inf" and result.dtype in NARROW_DTYPES:
+        source = f"the result passes the range of {str(result.dtype).replace('torch.', '')} (inputs are finite)"
+    else:
+        source = f"its formula {method.formula} made it from finite inputs"
+    return f"{key!r}: merged result is not finite ({kinds}; {method.label}: {source})"
+
+
+NARROW_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def compute_step(plan: MergePlan, step: KeyStep, tensors: list[torch.Tensor],
@@ -298,6 +335,9 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # 1.2 G/s, with the same bits (every fp8 value, NaN included, is exact in fp32).
 FP8_TABLES = {dtype: torch.arange(256, dtype=torch.uint8).view(dtype).float() for dtype in FP8_DTYPES}
 # fp8's non-finite codes, sign bit cleared: e4m3fn has NaN only (0x7F); e5m2 has Inf (0x7C) and NaN above it.
+# Dtypes a device cannot hold: Apple's MPS has no fp64 and no fp8, so those are widened (or
+# narrowed) on the CPU side of the transfer.
+DEVICE_LACKS = {"mps": frozenset({torch.float64, torch.float8_e4m3fn, torch.float8_e5m2})}
 FP8_FIRST_NON_FINITE = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
 
 
@@ -311,11 +351,15 @@ def _widen(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device,
         out = pool.tensor(torch.float32, tuple(tensor.shape))
         torch.index_select(FP8_TABLES[tensor.dtype], 0, codes.reshape(-1), out=out.reshape(-1))
         return out
+    if tensor.dtype in DEVICE_LACKS.get(device.type, ()):  # widen where the dtype exists, then move
+        tensor = tensor.to(dtype)
     return tensor.to(device=device, dtype=dtype, non_blocking=True)
 
 
 def _narrow(merged: torch.Tensor, dtype: torch.dtype, pool: Optional[BufferPool]) -> torch.Tensor:
     """The result in its planned dtype; a narrowing on the CPU goes into a pooled buffer."""
+    if dtype in DEVICE_LACKS.get(merged.device.type, ()):
+        return merged.to("cpu").to(dtype)
     if merged.dtype == dtype or pool is None or merged.device.type != "cpu":
         return merged.to(dtype)
     return pool.tensor(dtype, tuple(merged.shape)).copy_(merged)

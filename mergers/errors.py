@@ -35,3 +35,12 @@ class OutputError(MergeError):
 
 class MergeCancelled(MergeError):
     """The merge was stopped by its cancel token."""
+
+
+class NonFiniteError(MergeError):
+    """A merged key holds NaN or Inf; the message names the key, the method and where it came from."""
+
+    def __init__(self, message: str, *, key: str = "", method: str = ""):
+        super().__init__(message)
+        self.key = key
+        self.method = method

@@ -14,6 +14,8 @@ import logging
 import os
 from pathlib import Path
 
+from mergers.fileio import pread
+
 log = logging.getLogger(__name__)
 
 CHUNK = 16 * 1024 * 1024  # large reads keep hashing near disk speed
@@ -78,7 +80,7 @@ class RunningHash:
 
     def _read_through(self, end: int) -> None:
         while self._position < end:
-            chunk = os.pread(self._fd, min(CHUNK, end - self._position), self._position)
+            chunk = pread(self._fd, min(CHUNK, end - self._position), self._position)
             if not chunk:
                 raise OSError(f"file shrank while hashing (at byte {self._position})")
             self._digest.update(chunk)
@@ -118,7 +120,7 @@ def _cache_file() -> Path:
 
 def _load_cache() -> dict:
     try:
-        return json.loads(_cache_file().read_text())
+        return json.loads(_cache_file().read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 
@@ -128,7 +130,7 @@ def _store_cache(cache: dict) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         temp = target.with_suffix(f".{os.getpid()}.tmp")
-        temp.write_text(json.dumps(cache))
+        temp.write_text(json.dumps(cache), encoding="utf-8")
         os.replace(temp, target)
     except OSError as error:  # a read-only home must not stop a merge
         log.warning("could not write the hash cache %s: %s", target, error)

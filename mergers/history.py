@@ -607,7 +607,7 @@ def _keep_copy(path: Path, corrupt: Path) -> None:
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     """An exclusive lock on ``path`` held while the block runs (flock, or msvcrt on Windows)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
     try:
         _lock(fd, locked=True)
         try:
@@ -621,6 +621,26 @@ def _file_lock(path: Path) -> Iterator[None]:
 def _lock(fd: int, *, locked: bool) -> None:
     if fcntl is not None:
         fcntl.flock(fd, fcntl.LOCK_EX if locked else fcntl.LOCK_UN)
-    else:  # pragma: no cover - Windows: lock byte 0 (LK_LOCK retries for about 10 s)
+    else:  # Windows: lock byte 0
         os.lseek(fd, 0, os.SEEK_SET)
-        msvcrt.locking(fd, msvcrt.LK_LOCK if locked else msvcrt.LK_UNLCK, 1)
+        if not locked:
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+            return
+        _windows_lock(fd)
+
+
+def _windows_lock(fd: int, *, timeout: float = 120.0) -> None:
+    """Wait for the byte lock: msvcrt's own LK_LOCK gives up after 10 tries (about 10 s), too soon for
+    a tab, the API and an XYZ plot writing history at once."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise OutputError(f"the history file stayed locked for {timeout:.0f} s; is another "
+                                  "supermerger stuck?") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)

@@ -70,6 +70,8 @@ class Host(Protocol):
     models_dir: Path  # where "Save" writes
     grids_dir: Path  # where XYZ plots save their grid images
     # Optional: ``lora_dir``, where the LoRA tab looks for LoRA files (else models/Lora beside the checkpoints).
+    # Optional: ``no_swap_reason()``, why ``live_model()`` gave None while a model is loaded (e.g. Forge NF4);
+    # the merge's outcome says it instead of "no model loaded".
 
     def list_models(self) -> list[ModelEntry]: ...
 

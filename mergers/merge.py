@@ -65,8 +65,11 @@ def open_sources(recipe: Recipe, resolve: Resolver = resolve_path, *,
 def merge_to_file(recipe: Recipe, output: str | os.PathLike, *, resolve: Resolver = resolve_path,
                   device: Optional[str] = None, overwrite: bool = False,
                   on_progress: Optional[ProgressCallback] = None,
-                  cancel: Optional[CancelToken] = None) -> MergeResult:
+                  cancel: Optional[CancelToken] = None, allow_non_finite: bool = False) -> MergeResult:
     """Merge per ``recipe`` and save the result as safetensors (atomically).
+
+    A merged key holding NaN or Inf refuses the save (``NonFiniteError`` naming the key, nothing is
+    written) unless ``allow_non_finite``: then it is written and listed in ``MergeResult.warnings``.
 
     Example:
         >>> merge_to_file(Recipe(model_a="a.safetensors", model_b="b.safetensors"), "ab.safetensors")
@@ -83,7 +86,7 @@ def merge_to_file(recipe: Recipe, output: str | os.PathLike, *, resolve: Resolve
                                reserve=HASH_SLACK if placeholders else 0) as out:
             with BackgroundWrites(out) as writes:
                 for key, tensor in run_plan(plan, sources, device=device, on_progress=on_progress, cancel=cancel,
-                                            warnings=warnings):
+                                            warnings=warnings, allow_non_finite=allow_non_finite):
                     writes.write(key, tensor)
             if placeholders:  # the reads are done, so are the hashes
                 metadata = _metadata(plan, sources)
@@ -116,10 +119,10 @@ def _hash_placeholders(sources: Sources) -> dict[int, str]:
 
 def merge_stream(recipe: Recipe, *, resolve: Resolver = resolve_path, device: Optional[str] = None,
                  output_device: str = "cpu", on_progress: Optional[ProgressCallback] = None,
-                 cancel: Optional[CancelToken] = None,
-                 out_for: Optional[OutFor] = None) -> Iterator[tuple[str, "object"]]:
+                 cancel: Optional[CancelToken] = None, out_for: Optional[OutFor] = None,
+                 allow_non_finite: bool = False) -> Iterator[tuple[str, "object"]]:
     """Merge per ``recipe`` and yield ``(key, tensor)`` pairs, e.g. to copy into a loaded model
-    (``out_for``: see ``run_plan``).
+    (``out_for``, and a NaN/Inf key's ``NonFiniteError`` or ``allow_non_finite``: see ``run_plan``).
 
     Example:
         >>> for key, tensor in merge_stream(recipe):
@@ -128,4 +131,5 @@ def merge_stream(recipe: Recipe, *, resolve: Resolver = resolve_path, device: Op
     with open_sources(recipe, resolve, device=device) as sources:
         plan = plan_merge(recipe, sources)
         yield from run_plan(plan, sources, device=device, output_device=output_device,
-                            on_progress=on_progress, cancel=cancel, out_for=out_for)
+                            on_progress=on_progress, cancel=cancel, out_for=out_for,
+                            allow_non_finite=allow_non_finite)

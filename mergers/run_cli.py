@@ -35,6 +35,8 @@ def add_command(commands) -> None:
     cmd.add_argument("--dtype", choices=list(OUTPUT_DTYPES), help="output precision (overrides the recipe's)")
     cmd.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
     cmd.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never an input)")
+    cmd.add_argument("--allow-non-finite", action="store_true",
+                     help="write OUT even when a merged key holds NaN or Inf (default: refuse, naming the key)")
     cmd.add_argument("--estimate", action="store_true", help="print the estimate and stop")
     cmd.add_argument("--disk-speed", type=float, default=DEFAULT_DISK_BYTES_PER_S / 1e6, metavar="MB/s",
                      help=f"disk speed the time estimate assumes (default {DEFAULT_DISK_BYTES_PER_S / 1e6:.0f})")
@@ -60,7 +62,8 @@ def run_recipe_file(args) -> int:
             bar.update(done - bar.n)
 
         result = merge_to_file(recipe, args.output, resolve=resolve, device=args.device,
-                               overwrite=args.overwrite, on_progress=progress)
+                               overwrite=args.overwrite, on_progress=progress,
+                               allow_non_finite=args.allow_non_finite)
     print(f"{result.plan.count('merge')} keys merged, {len(result.plan.steps) - result.plan.count('merge')} "
           f"copied; wrote {result.path} in {result.seconds:.1f} s")
     for warning in result.warnings:

@@ -46,7 +46,7 @@ from mergers.engine import ProgressCallback
 from mergers.errors import MergeError, RecipeError
 from mergers.host import GenerationParams
 from mergers.recipe import Recipe
-from mergers.session import MergeSession
+from mergers.session import MergeSession, warnings_text
 from mergers.weights import BlockWeights, parse_weights
 
 Scorer = Callable[[list[Image.Image], GenerationParams], float]  # higher is better
@@ -293,6 +293,7 @@ class SearchSpec:
     optimizer: str = "es"
     children: int = 1
     layout: str | None = None  # None: read from model A's file
+    restore: bool = False  # at the end, put the checkpoint's own weights back instead of swapping in the best
 
     def __post_init__(self):
         if self.side not in SIDES:
@@ -436,6 +437,8 @@ class SearchResult:
     candidates: list[Candidate] = field(default_factory=list)
     stopped: bool = False
     final_history_id: int | None = None  # the best candidate, merged again at the end (None: it was loaded)
+    restored: bool = False  # spec.restore: the checkpoint's own weights were put back at the end
+    warnings: list[str] = field(default_factory=list)  # the candidates' merge warnings, in order
     seconds: float = 0.0
     log_path: Path | None = None
     run: str = ""  # the run's ID in the score log and in its merges' history entries ("extra")
@@ -450,8 +453,9 @@ class SearchResult:
         best = self.best
         found = f", best #{best.number} scores {best.score:.4g}" if best else ""
         ending = " — stopped" if self.stopped else ""
+        ending += "; the model was restored to its checkpoint" if self.restored else ""
         return (f"Search ({self.spec.optimizer}, seed {self.spec.seed}): {len(self.candidates)} of "
-                f"{self.spec.budget} candidates{found} in {self.seconds:.1f} s{ending}")
+                f"{self.spec.budget} candidates{found} in {self.seconds:.1f} s{ending}") + warnings_text(self.warnings)
 
     def to_dict(self) -> dict[str, Any]:
         """The API's answer."""
@@ -461,7 +465,7 @@ class SearchResult:
                 "seed": self.params.seed, "stopped": self.stopped,
                 "best": best.to_dict() if best else None,
                 "best_recipe": best.recipe.to_dict() if best else None,
-                "final_history_id": self.final_history_id,
+                "final_history_id": self.final_history_id, "restored": self.restored, "warnings": self.warnings,
                 "candidates": [c.to_dict() for c in self.candidates],
                 "score_log": str(self.log_path) if self.log_path else None}
 
@@ -512,7 +516,11 @@ def _run_candidates(session: MergeSession, spec: SearchSpec, space: SearchSpace,
         if on_candidate is not None:
             on_candidate(candidate, candidate.score, images)
     result.stopped = len(result.candidates) < spec.budget
-    result.final_history_id = _swap_in_best(session, result, on_progress)
+    if spec.restore:  # asked for: no candidate is left in the model
+        session.restore()
+        result.restored = True
+    else:
+        result.final_history_id = _swap_in_best(session, result, on_progress)
     log.finish(result)
 
 
@@ -528,10 +536,13 @@ def _candidate(session: MergeSession, space: SearchSpace, params: GenerationPara
                                 history_extra={"search": {"run": result.run, "candidate": number}})
     except MergeError as error:
         raise SearchError(f"{name}: {error}", result) from error
+    result.warnings.extend(outcome.warnings)
     try:
         images = list(session.generate(params).images)
     except Exception as error:  # the host's generator (e.g. out of GPU memory): end the search, naming the candidate
-        raise SearchError(f"{name}: generating failed: {type(error).__name__}: {error}", result) from error
+        # A MergeError is the session's own sentence (it names the merge swapped in); others get their type.
+        what = str(error) if isinstance(error, MergeError) else f"{type(error).__name__}: {error}"
+        raise SearchError(f"{name}: generating failed: {what}", result) from error
     if not images:
         raise SearchError(f"{name}: the generator returned no image", result)
     try:
@@ -609,12 +620,12 @@ def scores_by_history_id(folder: Path) -> dict[int, float]:
 # --- the API's way in ------------------------------------------------------------------------------
 
 
-SPEC_FIELDS = ("recipe", "params", "side", "blocks", "bounds", "budget", "seed", "optimizer", "children")
+SPEC_FIELDS = ("recipe", "params", "side", "blocks", "bounds", "budget", "seed", "optimizer", "children", "restore")
 
 
 def spec_from_dict(data: Mapping[str, Any], default_params: GenerationParams) -> SearchSpec:
     """A SearchSpec from a JSON body: ``recipe`` (a recipe object), ``params`` (txt2img fields over
-    ``default_params``), and any of side, blocks, bounds, budget, seed, optimizer, children.
+    ``default_params``), and any of side, blocks, bounds, budget, seed, optimizer, children, restore.
 
     Example:
         >>> spec_from_dict({"recipe": {"model_a": "a", "model_b": "b"}, "budget": 8}, host.default_generation())

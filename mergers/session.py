@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import threading
 import time
@@ -27,7 +28,7 @@ import torch
 
 from mergers.chain import load_recipe_file
 from mergers.engine import CancelToken, ProgressCallback, run_plan
-from mergers.errors import MergeError, OutputError
+from mergers.errors import MergeError, NonFiniteError, OutputError
 from mergers.history import History, HistoryEntry, merge_name
 from mergers.host import Generated, GenerationParams, Host
 from mergers.merge import merge_to_file, open_sources
@@ -40,7 +41,14 @@ from mergers.swap import Swapper
 SAFE_NAME = re.compile(r"^[\w][\w .,()+=\-\[\]]*$")
 # A merge's name as a default file name, as the original makes it: spaces dropped, ",()" → "_".
 UNSAFE_FILE_CHARS = re.compile(r"[^\w.+=\-\[\]]")
-MAX_FILE_STEM = 200
+# Windows refuses paths over 260 characters (MAX_PATH) unless long paths are enabled, which by default
+# they are not: a models folder of ~100 characters, the stem, ".safetensors" and the writer's temp suffix fit.
+MAX_FILE_STEM = 120 if os.name == "nt" else 200
+NOT_SWAPPED = "The merge was stopped and the loaded model's weights were put back: none of it is in the model"
+RESTORE_HINT = ("press Restore (the tab's \"Restore original\", the indicator's Restore, or POST "
+                "/supermerger/v1/restore) to put the checkpoint's own weights back")
+ALLOW_HINT = ("to write it to a file anyway, tick \"write NaN/Inf\" (tab), pass --allow-non-finite (command line) or "
+              "\"allow_non_finite\": true (API)")
 
 
 def file_stem(name: str) -> str:
@@ -75,14 +83,40 @@ class MergeOutcome:
     architecture: str
     info: Mapping[str, Any] = field(default_factory=dict)  # what a non-recipe change (apply_stream) was
     rewritten: int | None = None  # a partial re-merge (only_changed): the keys it merged and swapped
+    warnings: tuple[str, ...] = ()  # what the user should know (e.g. NaN keys a save was allowed to write)
+    refused: bool = False  # the swap met NaN/Inf and was undone (allow_non_finite kept it for Save)
+    not_swapped_why: str = ""  # the host's reason when a loaded model cannot take merges (e.g. Forge NF4)
 
     @property
     def summary(self) -> str:
         where = "swapped into the loaded model" if self.swapped else "planned (no model loaded: Save writes it)"
+        if not self.swapped and self.not_swapped_why:
+            where = f"not swapped in: {self.not_swapped_why}"
+        if self.refused:
+            where = "NOT swapped in (it holds NaN/Inf; the loaded model keeps its weights; Save may write it)"
         if self.rewritten is not None:
             where = f"{self.rewritten} changed keys re-merged and swapped"
         number = f" (ID {self.history_id})" if self.history_id is not None else ""
-        return f"{self.name}{number}: {self.merged_keys} keys merged, {where}, {self.seconds:.1f} s"
+        return f"{self.name}{number}: {self.merged_keys} keys merged, {where}, {self.seconds:.1f} s" + \
+            warnings_text(self.warnings)
+
+
+# A long list of NaN keys would bury the message: the first few, then how many more.
+WARNINGS_SHOWN = 5
+
+
+def warnings_text(warnings: Iterable[str]) -> str:
+    """Warnings as lines to append to a message ("" when there are none).
+
+    Example:
+        >>> warnings_text(["'k': merged result is not finite (NaN; ...)"])
+        "\\nwarning: 'k': merged result is not finite (NaN; ...)"
+    """
+    warnings = list(warnings)
+    lines = [f"\nwarning: {text}" for text in warnings[:WARNINGS_SHOWN]]
+    if len(warnings) > WARNINGS_SHOWN:
+        lines.append(f"\n… and {len(warnings) - WARNINGS_SHOWN} more warnings (see the history or the log)")
+    return "".join(lines)
 
 
 class MergeSession:
@@ -97,10 +131,19 @@ class MergeSession:
         self._cancel = threading.Event()
         self._owner: int | None = None  # the thread holding the session (exclusive()), or None
         self._halt = threading.Event()  # Stop pressed while the session is held: the holder ends its run
+        self.save_warnings: tuple[str, ...] = ()  # the last save's NaN/Inf keys it was allowed to write
 
     def merge(self, recipe: Recipe, *, on_progress: ProgressCallback | None = None,
-              only_changed: bool = False, history_extra: Mapping[str, Any] | None = None) -> MergeOutcome:
+              only_changed: bool = False, history_extra: Mapping[str, Any] | None = None,
+              allow_non_finite: bool = False, record: bool = True) -> MergeOutcome:
         """Merge ``recipe`` and swap it into the loaded model (restored exactly if anything fails).
+
+        A merged key holding NaN or Inf never stays in the loaded model: the swap stops there and puts
+        back what it changed, and ``NonFiniteError`` names the key, the method and its source. With
+        ``allow_non_finite`` the merge becomes ``current`` anyway, not swapped in (``refused``, the
+        reason in ``warnings``), so ``save(..., allow_non_finite=True)`` can write it.
+        ``record``: False leaves the history line to ``record_history`` (a merge saved in the same
+        request, whose save's warnings belong on its line).
 
         ``only_changed``: when the loaded model holds the current merge and ``recipe`` differs
         from it only in ratios (block weights, alpha/beta, elemental, include/exclude, adjust),
@@ -116,11 +159,29 @@ class MergeSession:
                 previous = self._previous_plan(plan, sources) if only_changed else None
                 steps = changed_steps(previous, plan) if previous is not None else None
                 partial = replace(plan, steps=steps) if steps is not None else plan
-                swapped = self._swap(partial, sources, on_progress, keep_unwritten=steps is not None)
-            rewritten = len(steps) if steps is not None else None
-            outcome = self._record(plan, swapped, time.perf_counter() - started, rewritten, history_extra)
-            self.current = outcome
-            return outcome
+                swapped, refusal = self._swap_finite(partial, sources, on_progress, keep_unwritten=steps is not None,
+                                                     allow_non_finite=allow_non_finite)
+            rewritten = len(steps) if steps is not None and not refusal else None
+            outcome = self._outcome(plan, swapped, time.perf_counter() - started, rewritten, refusal)
+            outcome = replace(outcome, refused=bool(refusal),
+                              not_swapped_why="" if swapped else self._no_swap_reason())
+            self.current = self._record(outcome, history_extra) if record else outcome
+            return self.current
+
+    def record_history(self, *, warnings: Iterable[str] = (), extra: Mapping[str, Any] | None = None) -> MergeOutcome:
+        """Write the history line of the current merge made with ``record=False``, with ``warnings``
+        added (e.g. those of its save); returns the outcome, now with its history ID.
+
+        Example:
+            >>> session.merge(recipe, record=False); session.save("ab", allow_non_finite=True)
+            >>> session.record_history(warnings=session.save_warnings).history_id
+            7
+        """
+        current = self.current
+        if current is None or current.recipe is None or current.history_id is not None:
+            raise MergeError("no unrecorded merge to record")
+        self.current = self._record(replace(current, warnings=(*current.warnings, *warnings)), extra)
+        return self.current
 
     def load_virtual(self, name: str, *, on_progress: ProgressCallback | None = None) -> MergeOutcome:
         """Merge a virtual checkpoint (a saved ``NAME.recipe.json``) into the loaded model, as if the user
@@ -153,8 +214,11 @@ class MergeSession:
                 raise MergeError("no model is loaded to apply this to")
             if self._swapper is None or self._swapper.live is not live:
                 self._swapper = Swapper(live)
-            with self.host.lock():
-                report = self._swapper.apply(stream(self._cancel), cancel=self._cancel)
+            try:
+                with self.host.lock():
+                    report = self._swapper.apply(stream(self._cancel), cancel=self._cancel, check_finite=True)
+            except NonFiniteError as error:
+                raise NonFiniteError(f"{name}: {error}. {NOT_SWAPPED}", key=error.key) from error
             self.current = MergeOutcome(name, None, None, report.changed, True, time.perf_counter() - started,
                                         "", dict(info or {}))
             return report.changed
@@ -166,10 +230,45 @@ class MergeSession:
         return outcome, self.generate(params)
 
     def generate(self, params: GenerationParams) -> Generated:
-        """txt2img with whatever is loaded; the infotext names the current merge and its recipe."""
+        """txt2img with whatever is loaded; the infotext names the current merge and its recipe.
+
+        A failure while a merge is swapped in says so, and how to put the checkpoint's weights back."""
         if not self.host.can_generate():
             raise MergeError("preview needs the web UI: this host has no image generator")
-        return self.host.generate(params, extra_info=self.infotext())
+        extra = self.infotext()
+        try:
+            return self.host.generate(params, extra_info=extra)
+        except Exception as error:
+            if not extra:
+                raise
+            number = f" (ID {extra['SuperMerger ID']})" if "SuperMerger ID" in extra else ""
+            what = str(error) if isinstance(error, MergeError) else f"{type(error).__name__}: {error}"
+            raise MergeError(f"{what} — this happened with the merge {extra['SuperMerger']}{number} swapped into "
+                             f"the loaded model; {RESTORE_HINT}") from error
+
+    def state(self) -> dict[str, Any]:
+        """What the loaded model holds now, for the web UI's indicator and ``GET /state``: the swapped-in
+        merge (name, history ID, recipe, warnings) or none, and the checkpoint it was swapped into.
+
+        Example:
+            >>> session.state()["merged"]
+            False
+        """
+        current, swapper = self.current, self._swapper
+        live = self.host.live_model()
+        source = getattr(live, "source", None)
+        state: dict[str, Any] = {"merged": False, "name": None, "history_id": None, "recipe": None,
+                                 "warnings": [], "changed_keys": 0,
+                                 "checkpoint": Path(source).name if source else None}
+        if swapper is None or not swapper.merged or live is None or swapper.live is not live:
+            return state
+        if current is not None and current.swapped:
+            state.update(name=current.name, history_id=current.history_id, warnings=list(current.warnings),
+                         recipe=current.recipe.to_dict() if current.recipe is not None else None)
+        else:  # changed weights with no swapped-in outcome (a failed merge could not put all back): not the checkpoint
+            state["name"] = "an unsaved change"
+        state.update(merged=True, changed_keys=len(swapper.changed_keys))
+        return state
 
     def infotext(self) -> dict[str, Any]:
         """What an image made now should say of the merge in the loaded model ({} when there is none):
@@ -192,17 +291,27 @@ class MergeSession:
         return extra
 
     def save(self, filename: str, *, dtype: str | None = None, prune: bool = False, overwrite: bool = False,
-             bake_vae: str | None = None, on_progress: ProgressCallback | None = None) -> Path:
-        """Write the current merge to ``models_dir/filename`` by streaming its recipe again (exact, any dtype)."""
+             bake_vae: str | None = None, on_progress: ProgressCallback | None = None,
+             allow_non_finite: bool = False) -> Path:
+        """Write the current merge to ``models_dir/filename`` by streaming its recipe again (exact, any dtype).
+
+        A key holding NaN or Inf refuses the save (``NonFiniteError``, nothing written) unless
+        ``allow_non_finite``; the keys it wrote so are in ``save_warnings`` afterwards."""
         if self.current is None:
             raise MergeError("nothing to save: merge first")
         if self.current.recipe is None:
             raise MergeError(f"{self.current.name} has no merge recipe to save from; save it from where it was made")
         target = self.output_path(filename)
         recipe = self.current.recipe.with_changes(dtype=dtype, prune=prune, bake_vae=bake_vae)
+        self.save_warnings = ()
         with self._running():
-            merge_to_file(recipe, target, resolve=self.host.resolve, overwrite=overwrite,
-                          on_progress=on_progress, cancel=self._cancel)
+            try:
+                result = merge_to_file(recipe, target, resolve=self.host.resolve, overwrite=overwrite,
+                                       on_progress=on_progress, cancel=self._cancel, allow_non_finite=allow_non_finite)
+            except NonFiniteError as error:
+                raise NonFiniteError(f"{error}. Nothing was saved; {ALLOW_HINT}", key=error.key,
+                                     method=error.method) from error
+        self.save_warnings = result.warnings
         return target
 
     def restore(self) -> int:
@@ -258,6 +367,18 @@ class MergeSession:
             self._swapper.apply(stream, cancel=self._cancel, keep_unwritten=keep_unwritten)
         return True
 
+    def _swap_finite(self, plan: MergePlan, sources, on_progress, *, keep_unwritten: bool,
+                     allow_non_finite: bool) -> tuple[bool, tuple[str, ...]]:
+        """``_swap``, and on a NaN/Inf key (put back already): raise saying so, or with ``allow_non_finite``
+        return (False, the refusal as a warning) so the merge can still be saved."""
+        try:
+            return self._swap(plan, sources, on_progress, keep_unwritten=keep_unwritten), ()
+        except NonFiniteError as error:
+            if not allow_non_finite:
+                raise NonFiniteError(f"{error}. {NOT_SWAPPED}; {ALLOW_HINT}", key=error.key,
+                                     method=error.method) from error
+            return False, (f"{error}. {NOT_SWAPPED}",)
+
     def _previous_plan(self, plan: MergePlan, sources: Sources) -> MergePlan | None:
         """The current merge's plan when ``plan`` can be swapped in as a partial update of it, else None."""
         current, swapper = self.current, self._swapper
@@ -272,15 +393,23 @@ class MergeSession:
             return None
         return previous
 
-    def _record(self, plan: MergePlan, swapped: bool, seconds: float, rewritten: int | None = None,
-                history_extra: Mapping[str, Any] | None = None) -> MergeOutcome:
-        names = {role: Path(getattr(plan.recipe, role)).stem for role in ("model_a", "model_b", "model_c")
-                 if getattr(plan.recipe, role)}
-        name = merge_name(plan.recipe, names)
-        entry = self.history.add(plan.recipe, name=name, models={r: {"name": n} for r, n in names.items()},
-                                 extra=history_extra)
-        return MergeOutcome(name, plan.recipe, entry.id, plan.count("merge"), swapped, seconds, plan.arch.label,
-                            rewritten=rewritten)
+    def _no_swap_reason(self) -> str:
+        """The host's reason for not swapping into its loaded model (optional ``Host.no_swap_reason``), or ""."""
+        reason = getattr(self.host, "no_swap_reason", None)
+        return (reason() or "") if reason is not None else ""
+
+    def _outcome(self, plan: MergePlan, swapped: bool, seconds: float, rewritten: int | None,
+                 warnings: Iterable[str]) -> MergeOutcome:
+        name = merge_name(plan.recipe, _model_names(plan.recipe))
+        return MergeOutcome(name, plan.recipe, None, plan.count("merge"), swapped, seconds, plan.arch.label,
+                            rewritten=rewritten, warnings=tuple(warnings))
+
+    def _record(self, outcome: MergeOutcome, history_extra: Mapping[str, Any] | None = None) -> MergeOutcome:
+        """The outcome's history line (its warnings kept in ``extra``), and the outcome with its ID."""
+        extra = {**(history_extra or {}), **({"warnings": list(outcome.warnings)} if outcome.warnings else {})}
+        models = {role: {"name": name} for role, name in _model_names(outcome.recipe).items()}
+        entry = self.history.add(outcome.recipe, name=outcome.name, models=models, extra=extra or None)
+        return replace(outcome, history_id=entry.id)
 
     def exclusive(self) -> contextlib.AbstractContextManager:
         """Hold the session for a run of merges and generations (an auto-merge search): merges, saves and
@@ -317,6 +446,11 @@ class MergeSession:
             yield
         finally:
             self._busy.release()
+
+
+def _model_names(recipe: Recipe) -> dict[str, str]:
+    return {role: Path(getattr(recipe, role)).stem for role in ("model_a", "model_b", "model_c")
+            if getattr(recipe, role)}
 
 
 def same_but_ratios(old: Recipe, new: Recipe) -> bool:

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from mergers.checkpoint import open_checkpoint
-from mergers.engine import CancelToken
-from mergers.errors import MergeCancelled, MergeError
+from mergers.engine import CancelToken, is_finite
+from mergers.errors import MergeCancelled, MergeError, NonFiniteError
 from mergers.host import LiveModel
 
 # The largest SD tensors (CLIP token embeddings) are 76 MB (SD1, fp16) to 126 MB (SDXL's
@@ -104,8 +104,12 @@ class Swapper:
         return sum(tensor.nbytes for tensor in self._backups.values())
 
     def apply(self, stream: Iterable[tuple[str, torch.Tensor]], *,
-              cancel: CancelToken | None = None, keep_unwritten: bool = False) -> SwapReport:
+              cancel: CancelToken | None = None, keep_unwritten: bool = False,
+              check_finite: bool = False) -> SwapReport:
         """Copy every streamed tensor into the live model; on any failure put the original back.
+
+        ``check_finite``: refuse (``NonFiniteError``, everything put back) a floating tensor holding NaN
+        or Inf before it is written — for streams the engine has not checked (``run_plan`` checks its own).
 
         Keys an earlier merge changed and this stream does not write are put back to the
         source, unless ``keep_unwritten``: then the stream is a partial update of the
@@ -122,7 +126,7 @@ class Swapper:
             try:
                 tensors = self.live.tensors()
                 self._applying = _Applying(tensors, self._source_shapes(), calls)
-                written, missing = self._write_all(iterator, tensors, calls, cancel)
+                written, missing = self._write_all(iterator, tensors, calls, cancel, check_finite)
             finally:
                 self._applying = None
                 _close(iterator)  # a stopped merge stream closes its files and reader thread now
@@ -171,7 +175,8 @@ class Swapper:
     # apply -----------------------------------------------------------------
 
     def _write_all(self, pairs: Iterator[tuple[str, torch.Tensor]], tensors: Mapping[str, torch.Tensor],
-                   calls: _HostCalls, cancel: CancelToken | None) -> tuple[set[str], list[str]]:
+                   calls: _HostCalls, cancel: CancelToken | None,
+                   check_finite: bool = False) -> tuple[set[str], list[str]]:
         sources = self._applying.sources
         written: set[str] = set()
         missing: list[str] = []
@@ -183,6 +188,8 @@ class Swapper:
                 missing.append(key)
                 continue
             _check_shape(key, target, tensor)
+            if check_finite and not is_finite(tensor):
+                raise NonFiniteError(f"{key!r}: the tensor to swap in holds NaN/Inf", key=key)
             calls.begin()  # before the backup below: it must see the weights without the host's patches
             self._remember(key, target, sources)
             _copy(target, tensor)

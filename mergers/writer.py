@@ -9,6 +9,7 @@ and temp files left by a killed run are swept on the next save.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -22,6 +23,7 @@ import torch
 
 from mergers.checkpoint import SafetensorsCheckpoint, dtype_name
 from mergers.errors import OutputError
+from mergers.fileio import fsync_folder, process_alive, pwrite
 
 TEMP_MARK = ".supermerger-partial-"
 
@@ -113,7 +115,7 @@ class SafetensorsWriter:
         it must fit in the room reserved when the writer was made.
         """
         header = encode_header(self._specs, metadata, pad_to=self._header_size)
-        os.pwrite(self._file.fileno(), header, 0)
+        pwrite(self._file.fileno(), header, 0)
 
     def commit(self) -> Path:
         """Finish the file: check it, flush it to disk and rename it into place."""
@@ -126,7 +128,7 @@ class SafetensorsWriter:
             self._file.close()
             verify_written(self._temp, self._expected_size, len(self._specs))
             os.replace(self._temp, self.path)
-            _fsync_dir(self.path.parent)
+            fsync_folder(self.path.parent)
         except BaseException:
             self.abort()
             raise
@@ -302,18 +304,9 @@ def sweep_stale_temp_files(folder: Path) -> None:
     """Remove temp files of earlier saves whose process is gone (killed mid-write)."""
     for temp in folder.glob(f".*{TEMP_MARK}*"):
         pid = temp.name.rsplit(TEMP_MARK, 1)[-1]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            temp.unlink(missing_ok=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        if pid.isdigit() and not process_alive(int(pid)):
+            with contextlib.suppress(OSError):  # Windows: still open elsewhere, or gone already
+                temp.unlink()
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -325,16 +318,3 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _cast_dtype(tensor: torch.Tensor, target: torch.dtype | None) -> torch.dtype:
     return cast_for_output(torch.empty((), dtype=tensor.dtype), target).dtype
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

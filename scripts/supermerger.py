@@ -1,4 +1,4 @@
-"""SuperMerger's entry point in AUTOMATIC1111's web UI (and Forge): thin glue, nothing else.
+"""SuperMerger's entry point in AUTOMATIC1111's web UI (and Forge, Forge Neo, reForge): thin glue, nothing else.
 
 A1111 imports this file by path with the extension's folder first on ``sys.path``
 while it loads, so ``mergers`` is ours. A1111's modules go into an ``A1111Host``,
@@ -13,7 +13,8 @@ from pathlib import Path
 from modules import call_queue, devices, paths, processing, script_callbacks, scripts, sd_models, shared
 
 import mergers
-from mergers.hosts.a1111 import A1111Modules, session_for
+from mergers.hosts.a1111 import A1111Host, A1111Modules, session_for
+from mergers.hosts.forge import A1111, ForgeHost, installed_webui
 
 log = logging.getLogger("supermerger")
 
@@ -24,9 +25,11 @@ if Path(mergers.__file__).resolve().parent != (EXTENSION_DIR / "mergers").resolv
     raise ImportError(f"another extension's 'mergers' package ({mergers.__file__}) was imported first; "
                       f"SuperMerger needs its own, in {EXTENSION_DIR}")
 
-# The same session after "Reload UI", so a merge swapped in before it can still be restored.
+# The same session after "Reload UI", so a merge swapped in before it can still be restored. On Forge and
+# its forks the host swaps into Forge's model objects (or says why it cannot, e.g. reForge, NF4, GGUF).
 session = session_for(A1111Modules(shared, sd_models, processing, call_queue, paths, devices),
-                      extension_dir=EXTENSION_DIR)
+                      extension_dir=EXTENSION_DIR,
+                      host_class=A1111Host if installed_webui() == A1111 else ForgeHost)
 host = session.host
 script_callbacks.on_model_loaded(host.model_loaded)
 
@@ -61,12 +64,15 @@ else:
 
 
 def on_app_started(demo, app):
-    """The HTTP API beside A1111's own, behind the same ``--api-auth`` credentials."""
-    from mergers.api import basic_auth, make_router
+    """The HTTP API beside A1111's own, behind the same ``--api-auth`` credentials, when the user asks for an
+    API (``--api``, ``--nowebui``); else only the routes of the swap indicator (``javascript/``)."""
+    from mergers.api import webui_routers
 
-    app.include_router(make_router(session, dependencies=basic_auth(shared.cmd_opts.api_auth)))
+    opts = shared.cmd_opts
+    api = bool(getattr(opts, "api", False) or getattr(opts, "nowebui", False))
+    for router in webui_routers(session, api=api, api_auth=getattr(opts, "api_auth", None),
+                                gradio_auth=getattr(opts, "gradio_auth", None)):
+        app.include_router(router)
 
 
-# As A1111's own API: served only when the user asks for an API (--nowebui serves nothing else).
-if getattr(shared.cmd_opts, "api", False) or getattr(shared.cmd_opts, "nowebui", False):
-    script_callbacks.on_app_started(on_app_started)
+script_callbacks.on_app_started(on_app_started)

@@ -447,7 +447,7 @@ def test_compare_in_the_tab_gives_chart_tables_and_csv(tab_actions):
     assert [row[0] for row in out[COMPONENTS]] == ["text encoder", "U-Net", "VAE"] and len(out[KEYS]) == 1130
     blocks_csv, keys_csv = map(Path, out[FILES])
     assert blocks_csv.parent.name == "exports" and blocks_csv.name == "a_vs_b_blocks.csv"
-    assert blocks_csv.read_text().startswith("name,keys,cosine") and len(keys_csv.read_text().splitlines()) == 1131
+    assert blocks_csv.read_text(encoding="utf-8").startswith("name,keys,cosine") and len(keys_csv.read_text(encoding="utf-8").splitlines()) == 1131
     column = KEY_HEADERS.index("cosine")
     table = tab_actions.filter_keys({RESULT: out[RESULT], SEARCH: "attn2 to_out weight", SORT: "cosine",
                                      DESCENDING: True})[KEYS]

@@ -50,15 +50,17 @@ from mergers.metadata import stored_recipe
 from mergers.session import MergeSession
 from tests import test_a1111
 from tests.gradio3 import run_under_gradio3
-from tests.test_ui import ROOT
+from tests.platforms import needs_extension_link, needs_gradio
 from tests.ui_host import UiHost, weights_checksum
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RECIPE = {"model_a": "a.safetensors", "model_b": "b.safetensors", "alpha": 0.3}
 checkpoints, webui = test_a1111.checkpoints, test_a1111.webui  # the A1111 stand-in's fixtures
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the loopback, whatever http_proxy says
 ROUTES = {"/models": {"get"}, "/presets": {"get"}, "/history": {"get"}, "/merge": {"post"},
           "/merge-and-generate": {"post"}, "/analyze": {"post"}, "/restore": {"post"}, "/progress": {"get"},
-          "/cancel": {"post"}, "/search": {"post"}, "/search/stop": {"post"}}
+          "/cancel": {"post"}, "/search": {"post"}, "/search/stop": {"post"}, "/state": {"get"}}
 
 
 @pytest.fixture(autouse=True)
@@ -129,7 +131,8 @@ def test_openapi_lists_every_route_with_its_schemas(client):
     assert merge["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/MergeResponse")
     assert {"200", "403", "404", "409", "422"} <= set(merge["responses"])
     components = schema["components"]["schemas"]
-    assert {"recipe", "output", "overwrite"} <= set(components["MergeRequest"]["properties"])
+    assert {"recipe", "output", "overwrite", "allow_non_finite"} <= set(components["MergeRequest"]["properties"])
+    assert "warnings" in components["MergeResponse"]["properties"]
     assert {"images", "infotext", "sha256", "seconds"} <= set(components["GenerateResponse"]["properties"])
 
 
@@ -477,6 +480,7 @@ def test_api_auth_is_read_as_a1111_reads_it():
         parse_api_auth("u1:p1,nocolon")
 
 
+@needs_extension_link
 def test_a1111_registers_the_routes_with_api_and_api_auth(webui):
     webui.shared.cmd_opts.api = True
     webui.shared.cmd_opts.api_auth = "user:secret"
@@ -496,9 +500,19 @@ def test_a1111_registers_the_routes_with_api_and_api_auth(webui):
     assert body["swapped"] and module.session.current.name == body["name"]
 
 
-def test_a1111_serves_no_routes_without_an_api(webui):
+@needs_extension_link
+def test_a1111_serves_only_the_indicators_routes_without_an_api(webui):
     webui.scripts.load_scripts()
-    assert webui.script_callbacks.callback_map["callbacks_app_started"] == []
+    app = FastAPI()
+    webui.script_callbacks.app_started_callback(None, app)
+    client = TestClient(app)
+    assert client.get(PREFIX + "/models").status_code == 404  # the API needs --api
+    assert client.get(PREFIX + "/state").json()["merged"] is False
+    assert client.post(PREFIX + "/restore").json() == {"restored": 0}
+    webui.shared.cmd_opts.gradio_auth = "me:secret"  # the page has a login, these routes would not: none
+    app = FastAPI()
+    webui.script_callbacks.app_started_callback(None, app)
+    assert TestClient(app).get(PREFIX + "/state").status_code == 404
 
 
 # --- small pure pieces ------------------------------------------------------------------------------
@@ -534,6 +548,7 @@ def test_json_safe_and_generation_params():
 # --- the standalone app, on both Gradio lines -------------------------------------------------------
 
 
+@needs_gradio
 def test_the_standalone_app_serves_the_page_and_the_api(folder_client):
     from mergers.ui.app import make_server
 
@@ -545,6 +560,7 @@ def test_the_standalone_app_serves_the_page_and_the_api(folder_client):
         assert post(client, "/merge", recipe=RECIPE, output="standalone").json()["saved"] == "standalone.safetensors"
 
 
+@needs_gradio
 def test_a_script_merges_and_saves_through_python_m_mergers_ui(folder_client, tmp_path):
     """What the README promises: ``python -m mergers ui --models DIR``, then plain HTTP from a script."""
     _, host = folder_client

@@ -86,7 +86,7 @@ def test_key_specs_fields_and_cache():
 @pytest.mark.skipif(SHARED_ARCH is None, reason="shared/arch JSON key lists not in this checkout")
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", "sd3", "flux"])
 def test_key_specs_match_the_json_they_came_from(family):
-    entries = json.loads((SHARED_ARCH / f"{family}.json").read_text())["keys"]
+    entries = json.loads((SHARED_ARCH / f"{family}.json").read_text(encoding="utf-8"))["keys"]
     expected = [KeySpec(e["key"], tuple(e["shape"]), e["dtype"], e["component"], e.get("optional", False),
                         tuple(e.get("aliases", ()))) for e in entries]
     assert list(key_specs(family)) == expected
@@ -209,7 +209,7 @@ def test_sd3_and_flux_are_recognised_and_supported(shapes, family, label):
 @pytest.mark.skipif(SHARED_ARCH is None, reason="shared/arch JSON key lists not in this checkout")
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_real_sd3_and_flux_key_lists(family):
-    entries = json.loads((SHARED_ARCH / f"{family}.json").read_text())["keys"]
+    entries = json.loads((SHARED_ARCH / f"{family}.json").read_text(encoding="utf-8"))["keys"]
     assert detect_architecture({e["key"]: e["shape"] for e in entries}).family == family
     bare = {alias: e["shape"] for e in entries for alias in e.get("aliases", ())}
     if bare:

@@ -10,12 +10,13 @@ import threading
 
 import pytest
 import torch
+from platforms import assert_lerp_equal
 
 from mergers.arch import block_ids, block_of
 from mergers.checkpoint import open_checkpoint
 from mergers.demo import tiny_state_dict
 from mergers.engine import run_plan
-from mergers.errors import ArchitectureError, MergeCancelled, OutputError, WeightsError
+from mergers.errors import ArchitectureError, MergeCancelled, NonFiniteError, OutputError, WeightsError
 from mergers.merge import merge_stream, merge_to_file, open_sources
 from mergers.metadata import stored_recipe
 from mergers.plan import plan_merge
@@ -80,7 +81,7 @@ def test_scalar_merge_matches_the_original_key_by_key(tmp_path, family, mode):
         else:
             expected = sa[key]
         assert out[key].dtype == sa[key].dtype, key
-        assert torch.equal(out[key], expected), key
+        assert_lerp_equal(out[key], expected, key)
 
 
 @pytest.mark.parametrize("family, layout", [("sd1", "sd1"), ("sdxl", "sdxl")])
@@ -325,9 +326,27 @@ def test_nan_in_an_input_is_reported_naming_the_key_and_model(tmp_path, caplog):
     save_checkpoint(tmp_path / "a.safetensors", sa)
     save_checkpoint(tmp_path / "b.safetensors", sb)
     recipe = Recipe(model_a=str(tmp_path / "a.safetensors"), model_b=str(tmp_path / "b.safetensors"), alpha=0.5)
-    result = merge_to_file(recipe, tmp_path / "out.safetensors")
-    assert result.warnings == (f"{key!r}: merged result is not finite (model B has NaN/Inf there)",)
+    message = f"{key!r}: merged result is not finite (NaN; Weight sum: model B holds NaN/Inf there)"
+    with pytest.raises(NonFiniteError) as refused:  # a save refuses NaN unless told to write it
+        merge_to_file(recipe, tmp_path / "out.safetensors")
+    assert str(refused.value) == message and refused.value.key == key
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]  # no file, no temp
+    result = merge_to_file(recipe, tmp_path / "out.safetensors", allow_non_finite=True)
+    assert result.warnings == (message,)
     assert key in caplog.text
+
+
+def test_a_formulas_nan_names_the_method_and_formula(tmp_path):
+    """Finite inputs, non-finite result: the message blames the method's formula, not a model."""
+    from mergers.engine import non_finite_message
+    from mergers.methods import method_for
+
+    plan = type("Plan", (), {"method": method_for("Weight sum", "cosineA")})()
+    inputs = [torch.ones(3), torch.ones(3)]
+    text = non_finite_message(plan, "k", inputs, torch.tensor([1.0, float("nan"), float("inf")]))
+    assert text.startswith("'k': merged result is not finite (NaN and Inf; cosineA: its formula lerp(B, A, k)")
+    text = non_finite_message(plan, "k", inputs, torch.tensor([1.0, float("inf")], dtype=torch.float16))
+    assert "passes the range of float16" in text
 
 
 def test_is_finite_is_exact_even_when_a_sum_overflows():

@@ -212,7 +212,7 @@ def test_a_search_of_budget_6_merges_6_candidates_scores_them_and_swaps_in_the_b
     history_ids = [entry.id for entry in session.history.entries(newest_first=False)]
     assert [c.history_id for c in candidates] == history_ids[:6]
     assert scores_by_history_id(session.history.folder) == {c.history_id: c.score for c in candidates}
-    lines = [json.loads(line) for line in (session.history.folder / SCORE_LOG).read_text().splitlines()]
+    lines = [json.loads(line) for line in (session.history.folder / SCORE_LOG).read_text(encoding="utf-8").splitlines()]
     assert lines[-1]["best"] == best.number and lines[-1]["final_history_id"] == result.final_history_id
     answer = json.loads(json.dumps(result.to_dict()))
     assert answer["best"]["number"] == best.number and len(answer["candidates"]) == 6

@@ -11,6 +11,7 @@ import weakref
 import pytest
 import torch
 from live_model import FakeLive, hijacked_name, module_from_state_dict, read_file
+from platforms import needs_proc
 
 from mergers import swap
 from mergers.demo import tiny_state_dict
@@ -617,6 +618,7 @@ def test_target_for_gives_nothing_outside_apply_and_for_inference_tensors(models
     assert swapper.target_for(OUT_WEIGHT) is None  # writable only inside inference_mode: copied as before
 
 
+@needs_proc
 def test_a_session_swap_maps_its_inputs_a_few_tensors_at_a_time_and_keeps_none(tmp_path, monkeypatch):
     """The swap reads A and B as mappings of the page cache (no copy); none outlives its key.
     (How many are mapped at once is the read-ahead's byte budget: here the tiny model fits in it.)"""
@@ -626,7 +628,7 @@ def test_a_session_swap_maps_its_inputs_a_few_tensors_at_a_time_and_keeps_none(t
     session, live = session_over_two_models(tmp_path, monkeypatch)
     folder = tmp_path / "models"
     most = []
-    mapped_now = lambda: sum(line.endswith("b.safetensors") for line in Path("/proc/self/maps").read_text().splitlines())  # noqa: E731
+    mapped_now = lambda: sum(line.endswith("b.safetensors") for line in Path("/proc/self/maps").read_text(encoding="utf-8").splitlines())  # noqa: E731
     session.merge(Recipe(model_a="a", model_b="b", alpha=0.3), on_progress=lambda *_: most.append(mapped_now()))
     gc.collect()
     assert max(most) > 0

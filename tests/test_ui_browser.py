@@ -1,10 +1,11 @@
-"""The standalone page in a real headless Chromium: pick models, set a preset, Merge, Save.
+"""The standalone page in a real headless Chromium: pick models, set a preset, Merge, Save; and the swap
+indicator (``javascript/``) on a page shaped like A1111's top bar.
 
 Needs Debian's Chromium (``apt-get install -y chromium``) and Playwright from pip
 (``pip install playwright``; its own browser download is not used). Skipped when
 either is missing. Screenshots are test artefacts, left in ``$SUPERMERGER_ARTEFACTS``
-(default: the system temp folder) as ``supermerger-tab.png``, ``supermerger-history.png``
-and ``supermerger-saved.png`` for a person (or CI's artefact upload) to look at.
+(default: the system temp folder) as ``supermerger-tab.png``, ``supermerger-history.png``,
+``supermerger-saved.png`` and ``supermerger-indicator.png`` for a person (or CI's artefact upload) to look at.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -25,8 +27,10 @@ from mergers.checkpoint import open_checkpoint
 from mergers.demo import ensure_demo_models
 from mergers.hosts.standalone import FolderHost
 from mergers.metadata import stored_recipe
+from mergers.recipe import Recipe
 from mergers.session import MergeSession
 from mergers.ui.app import launch
+from tests.live_model import FakeLive
 from tests.ui_host import UiHost, weights_checksum
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -181,3 +185,64 @@ def test_merge_with_a_preset_and_save_the_file(demo_page, served_demo):
     with open_checkpoint(saved) as ckpt:
         recipe, models = stored_recipe(ckpt.metadata)
     assert recipe.weights_alpha.startswith("0,1,0.9") and models["model_b"]["name"] == Path(titles[1]).name
+
+
+# --- the swap indicator beside A1111's checkpoint selector (javascript/supermerger_state.js) -----------------
+
+INDICATOR_JS = Path(__file__).resolve().parents[1] / "javascript" / "supermerger_state.js"
+# The part of A1111's page the script looks for: the quicksettings' checkpoint selector (its elem_id).
+A1111_PAGE = """<!doctype html><html><head><script src="/supermerger_state.js"></script></head><body>
+<div id="quicksettings" style="display:flex"><div id="setting_sd_model_checkpoint">a.safetensors</div></div>
+</body></html>"""
+
+
+@pytest.fixture
+def served_indicator(tmp_path, monkeypatch):
+    """A page shaped like A1111's top bar, loading the extension's script, and the API; yields (url, session)."""
+    import threading
+
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import HTMLResponse, Response
+
+    from mergers.api import make_router
+
+    monkeypatch.setenv("SUPERMERGER_CACHE", str(tmp_path / "cache"))
+    session = MergeSession(UiHost.create(tmp_path))
+    app = FastAPI()
+    app.include_router(make_router(session))
+    app.get("/")(lambda: HTMLResponse(A1111_PAGE))
+    app.get("/supermerger_state.js")(lambda: Response(INDICATOR_JS.read_text(), media_type="text/javascript"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the test server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}/", session
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_the_indicator_follows_merge_restore_and_a_checkpoint_change(served_indicator):
+    url, session = served_indicator
+    host = session.host
+    original = weights_checksum(host.live_model().tensors())
+    with browser_page(url) as page:
+        page.goto(url, wait_until="domcontentloaded")
+        indicator = page.locator("#supermerger_state")
+        indicator.wait_for(state="attached")  # made beside the selector at the first answer of /state
+        assert not indicator.is_visible()
+        session.merge(Recipe(model_a="a.safetensors", model_b="b.safetensors", alpha=0.3))
+        indicator.get_by_text("a x 0.7 + b x 0.3 (ID 1) is swapped in").wait_for()
+        assert page.locator("#setting_sd_model_checkpoint + #supermerger_state").count() == 1  # right beside it
+        page.screenshot(path=str(SCREENSHOT.with_name("supermerger-indicator.png")))
+        indicator.get_by_role("button", name="Restore").click()
+        indicator.wait_for(state="hidden")
+        assert weights_checksum(host.live_model().tensors()) == original and not session.state()["merged"]
+        session.merge(Recipe(model_a="a.safetensors", model_b="b.safetensors", alpha=0.6))
+        indicator.get_by_text("(ID 2) is swapped in").wait_for()
+        host._live = FakeLive.load(host.models_dir / "b.safetensors")  # the web UI loaded another checkpoint
+        indicator.wait_for(state="hidden")

@@ -89,16 +89,20 @@ class A1111Modules:
 _SESSIONS: dict[Path, MergeSession] = {}
 
 
-def session_for(modules: "A1111Modules", *, extension_dir: Path) -> MergeSession:
+def session_for(modules: "A1111Modules", *, extension_dir: Path,
+                host_class: Optional[type] = None) -> MergeSession:
     """The session of the extension in ``extension_dir``: made once, then the same after a UI reload.
+
+    ``host_class``: ``A1111Host`` (default) or a subclass for a fork (``mergers.hosts.forge.ForgeHost``).
 
     Example:
         >>> session = session_for(A1111Modules(shared, sd_models, ...), extension_dir=Path(scripts.basedir()))
     """
+    host_class = host_class or A1111Host
     key = Path(extension_dir).resolve()
     session = _SESSIONS.get(key)
-    if session is None or session.host.modules != modules:
-        session = _SESSIONS[key] = MergeSession(A1111Host(modules, extension_dir=extension_dir))
+    if session is None or session.host.modules != modules or type(session.host) is not host_class:
+        session = _SESSIONS[key] = MergeSession(host_class(modules, extension_dir=extension_dir))
     return session
 
 
@@ -160,8 +164,8 @@ class A1111Host:
     def live_model(self) -> Optional[A1111LiveModel]:
         """The loaded model (the same object until A1111 loads weights again).
 
-        Forge's model object holds converted keys we do not map yet: there, merges are
-        planned and saved to files, not swapped in (the outcome says so).
+        A Forge model object (``forge_objects``) is not A1111's: this host plans merges there and
+        ``no_swap_reason`` says why (``mergers.hosts.forge.ForgeHost`` swaps them into Forge's).
         """
         model = self.modules.shared.sd_model
         if model is None:
@@ -172,6 +176,11 @@ class A1111Host:
         if self._live is None or not self._live.wraps(model):
             self._live = A1111LiveModel(model, self.modules)
         return self._live
+
+    def no_swap_reason(self) -> Optional[str]:
+        """Why ``live_model()`` gives no model to swap into while one is loaded (None: none is loaded)."""
+        model = self.modules.shared.sd_model
+        return FORGE_REFUSAL if model is not None and hasattr(model, "forge_objects") else None
 
     def model_loaded(self, sd_model: Any) -> None:
         """``script_callbacks.on_model_loaded``: A1111 (re)loaded weights from a file; retire the old view.

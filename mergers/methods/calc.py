@@ -32,7 +32,7 @@ class CosineStats:
     """The whole-model similarity range cosineA/B scale by (``precosine``, l.705).
 
     Every key holding "model" that B has, VAE excluded, contributes its per-column
-    similarities; NaNs are dropped, then values under the 1st percentile, then,
+    similarities; NaNs (and infinities) are dropped, then values under the 1st percentile, then,
     of what is left, values over the 99th ("midpoint" percentiles, as numpy's).
     ``combined``: score each key as stage 1 does (the corrected variant); the
     original's cosineA scores its statistics with the plain cosine only.
@@ -48,12 +48,15 @@ class CosineStats:
         a, b = a.float(), b.float()
         if self.normalise:
             a, b = F.normalize(a, p=2, dim=0), F.normalize(b, p=2, dim=0)
-        score = _combined_similarity(a, b) if self.combined else F.cosine_similarity(a, b, dim=0)
+        # The original's scores, NaN for all-zero keys included (reduce drops them as it does), so the
+        # model-wide range is the original's; only the merge's scores are defined everywhere.
+        score = _combined_similarity(a, b, defined=False) if self.combined else F.cosine_similarity(a, b, dim=0)
         return score.detach().cpu().numpy().astype(np.float32).reshape(-1)
 
     def reduce(self, collected: list) -> dict[str, float]:
         sims = np.concatenate(collected).astype(np.float64) if collected else np.zeros(0)
-        sims = sims[~np.isnan(sims)]
+        # NaN dropped as the original drops it; ±Inf too (denormal norms: x/0), which broke its percentiles.
+        sims = sims[np.isfinite(sims)]
         if sims.size == 0:
             return {"sims_min": 0.0, "sims_max": 1.0}
         sims = sims[sims >= np.percentile(sims, 1, method="midpoint")]
@@ -61,15 +64,50 @@ class CosineStats:
         return {"sims_min": float(sims.min()), "sims_max": float(sims.max())}
 
 
-def _combined_similarity(a: Tensor, b: Tensor) -> Tensor:
-    """(per-column cosine along dim 0 + whole-tensor cosine) / 2, as ``cosine`` (l.739) scores a key."""
+def _combined_similarity(a: Tensor, b: Tensor, *, defined: bool = True) -> Tensor:
+    """(per-column cosine along dim 0 + whole-tensor cosine) / 2, as ``cosine`` (l.739) scores a key.
+
+    ``defined``: the whole-tensor cosine of :func:`tensor_cosine` (the original's is 0/0 = NaN for
+    all-zero or underflowing tensors, and its NaN went into the merged key)."""
     column = F.cosine_similarity(a, b, dim=0)
+    if defined:
+        return (column + tensor_cosine(a, b)) / 2.0
     whole = torch.dot(a.reshape(-1), b.reshape(-1)) / (torch.norm(a) * torch.norm(b))
     return (column + whole) / 2.0
 
 
+# fp32 rounding takes a true cosine of ±1 a few ulps past it; further out, the norms underflowed.
+COSINE_SLACK = 1.0 + 1e-4
+
+
+def tensor_cosine(a: Tensor, b: Tensor) -> Tensor:
+    """The cosine similarity of two whole tensors, finite for any finite inputs.
+
+    As the original computes it where that is a cosine (finite, |cos| ≤ 1 give or take rounding; same
+    bits); else: two all-zero tensors are identical (1), one all-zero tensor has nothing in common with
+    the other (0), and tensors so small that their squares underflow (denormals, where the original
+    divides by 0 or by a rounded-away norm) are scaled to a max-abs of 1 first (cosine ignores scale).
+
+    Example:
+        >>> tiny = torch.full((3,), 1e-40)
+        >>> tensor_cosine(torch.zeros(3), torch.zeros(3)).item(), tensor_cosine(tiny, -tiny).item()
+        (1.0, -1.0)
+    """
+    cosine = torch.dot(a.reshape(-1), b.reshape(-1)) / (torch.norm(a) * torch.norm(b))
+    if bool(torch.isfinite(cosine) & (cosine.abs() <= COSINE_SLACK)):
+        return cosine
+    scale_a, scale_b = a.abs().max(), b.abs().max()
+    if scale_a == 0 or scale_b == 0:
+        return torch.ones_like(cosine) if scale_a == scale_b else torch.zeros_like(cosine)
+    a, b = a / scale_a, b / scale_b
+    return (torch.dot(a.reshape(-1), b.reshape(-1)) / (torch.norm(a) * torch.norm(b))).clamp(-1.0, 1.0)
+
+
 def _cosine_merge(a: Tensor, b: Tensor, score: Tensor, alpha: float, sims_min: float, sims_max: float) -> Tensor:
-    k = ((score - sims_min) / (sims_max - sims_min) - alpha).clip(min=0, max=1.0)
+    span = sims_max - sims_min
+    # Every key as alike as every other (the range is one value): all at the top of it, not 0/0 = NaN.
+    scaled = (score - sims_min) / span if span > 0 else torch.ones_like(score)
+    k = (scaled - alpha).clip(min=0, max=1.0)
     return torch.lerp(b, a, k)
 
 

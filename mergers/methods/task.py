@@ -35,6 +35,8 @@ from mergers.methods.calc import key_seed
 from mergers.methods.registry import merge_method
 
 DENSITY = (("beta", 0.0, 1.0),)  # beta is a fraction of each task vector
+# torch.rand's fp32 draws are multiples of 2^-24: a smaller density could keep only the draws of exactly 0.
+DRAW_RESOLUTION = 2.0 ** -24
 # Past this cosine A and B are parallel: sin Ω → 0 and SLERP's weights lose precision, while
 # lerp differs from SLERP by under 0.01 % there (mergekit uses the same 0.9995).
 SLERP_PARALLEL_DOT = 0.9995
@@ -80,10 +82,11 @@ def drop_and_rescale(delta: Tensor, density: float, generator: torch.Generator) 
     """DARE's step: keep each entry with probability ``density`` and divide the kept ones by it.
 
     The mask is drawn on the CPU from ``generator``, so a seed gives the same drops on any device.
+    A density under the draw's resolution keeps nothing (its 1/density could overflow the dtype).
     """
     if density >= 1:
         return delta
-    if density <= 0:
+    if density < DRAW_RESOLUTION:
         return torch.zeros_like(delta)
     kept = torch.rand(delta.shape, generator=generator) < density
     return delta * kept.to(delta.device) / density
@@ -186,10 +189,18 @@ def geometric_median(models: Sequence[Tensor]) -> Tensor:
 
 
 def perpendicular_part(direction: Tensor, vector: Tensor) -> Tensor:
-    """``vector`` minus its projection on ``direction`` (Gram–Schmidt); all of it when direction is 0."""
+    """``vector`` minus its projection on ``direction`` (Gram–Schmidt); all of it when direction is 0.
+
+    A direction so small that its squared norm underflows (denormals) is scaled to a max-abs of 1
+    first (the projection does not depend on its length), rather than taken as 0 or divided by 0.
+    """
     norm_sq = (direction * direction).sum()
-    if norm_sq == 0:
-        return vector
+    if not norm_sq > 0 or not torch.isfinite(norm_sq):
+        scale = direction.abs().max()
+        if scale == 0:
+            return vector
+        direction = direction / scale
+        norm_sq = (direction * direction).sum()
     return vector - direction * ((direction * vector).sum() / norm_sq)
 
 

@@ -36,7 +36,7 @@ from mergers.keyfilter import filter_choices
 from mergers.merge import open_sources
 from mergers.methods.modes import MODES, calcmodes_for, method_for
 from mergers.recipe import Recipe
-from mergers.session import MergeSession, file_stem
+from mergers.session import MergeSession, file_stem, warnings_text
 from mergers.ui.fields import field_value, params_from_ui, recipe_from_ui, short_model_name, ui_from_recipe
 from mergers.virtual import save_virtual_checkpoint, virtual_file_name
 from mergers.weights import BlockWeights, load_presets, parse_weights
@@ -48,6 +48,7 @@ MESSAGE, GALLERY, INFOTEXT, HISTORY, LAYOUT, ARCH_INFO, METHOD_INFO = (
     "message", "gallery", "infotext", "history_table", "layout", "arch_info", "method_info")
 SAVE_NAME, OVERWRITE, HISTORY_ID, HISTORY_SEARCH, HISTORY_MATCH, PRESET = (
     "save_name", "overwrite", "history_id", "history_search", "history_match", "preset")
+ALLOW_NON_FINITE = "allow_non_finite"  # the Save section's "write NaN/Inf" checkbox
 TABS, MERGE_TAB = "tabs", "merge"
 HISTORY_HEADERS = ("ID", "time", "name", "mode", "models")
 HISTORY_ROWS = 100  # the original offers 20…100 rows
@@ -236,10 +237,13 @@ class TabActions:
 
     @shows_errors
     def merge(self, values: Mapping[str, Any], *, on_progress: Optional[ProgressCallback] = None) -> dict:
-        """Merge into the loaded model; the message is the outcome's summary."""
+        """Merge into the loaded model; the message is the outcome's summary (its warnings included).
+
+        With "write NaN/Inf" ticked, a merge holding NaN/Inf is kept for Save (never swapped in)."""
         recipe = self.recipe(values)
         cost = self.estimate_text(recipe)
-        outcome = self.session.merge(recipe, on_progress=on_progress)
+        outcome = self.session.merge(recipe, on_progress=on_progress,
+                                     allow_non_finite=bool(values.get(ALLOW_NON_FINITE)))
         return {MESSAGE: as_message(f"{outcome.summary}\n{cost}"), HISTORY: self.history_rows()}
 
     def estimate_text(self, recipe: Recipe) -> str:
@@ -274,9 +278,12 @@ class TabActions:
     @shows_errors
     def merge_and_generate(self, values: Mapping[str, Any], *,
                            on_progress: Optional[ProgressCallback] = None) -> dict:
-        """Merge, then generate a preview; a failed preview still reports the merge."""
-        outcome = self.session.merge(self.recipe(values), on_progress=on_progress)
+        """Merge, then generate a preview; a failed preview still reports the merge (and how to restore)."""
+        outcome = self.session.merge(self.recipe(values), on_progress=on_progress,
+                                     allow_non_finite=bool(values.get(ALLOW_NON_FINITE)))
         outputs = {MESSAGE: as_message(outcome.summary), HISTORY: self.history_rows()}
+        if outcome.refused:  # not in the model: a preview would show the checkpoint, not this merge
+            return outputs
         generated = self.generate(values)
         generated[MESSAGE] = outputs[MESSAGE] + "\n\n" + generated[MESSAGE]
         return {**outputs, **generated}
@@ -308,8 +315,8 @@ class TabActions:
         name = (values.get(SAVE_NAME) or "").strip() or self.default_file_name()
         path = self.session.save(name, dtype=field_value("dtype", values), prune=bool(values.get("prune")),
                                  overwrite=bool(values.get(OVERWRITE)), bake_vae=field_value("bake_vae", values),
-                                 on_progress=on_progress)
-        return {MESSAGE: as_message(f"saved {path}")}
+                                 on_progress=on_progress, allow_non_finite=bool(values.get(ALLOW_NON_FINITE)))
+        return {MESSAGE: as_message(f"saved {path}" + warnings_text(self.session.save_warnings))}
 
     def default_file_name(self) -> str:
         """The current merge's name as a file name, as the original makes it."""
@@ -328,7 +335,8 @@ class TabActions:
         """Rows of ID, time, name, mode and models, newest first."""
         history = self.session.history
         entries = history.search(text, match_all=match != "or", limit=HISTORY_ROWS)
-        rows = [[e.id, e.time, e.name, _mode_text(e.recipe), _models_text(e.recipe)] for e in entries]
+        rows = [[e.id, e.time, e.name + _warned(e.extra), _mode_text(e.recipe), _models_text(e.recipe)]
+                for e in entries]
         return rows or [["", "", "", "", ""]]  # an empty table loses its columns in Gradio 3
 
     @shows_errors
@@ -337,7 +345,8 @@ class TabActions:
         entry = self.session.recipe_from_history(_history_id(values.get(HISTORY_ID)))
         outputs: dict[str, Any] = ui_from_recipe(entry.recipe, titles=self.title_for)
         outputs.update(method_updates(outputs["mode"], outputs["calcmode"], keep=outputs))
-        outputs[MESSAGE] = as_message(f"loaded the settings of ID {entry.id}: {entry.name}")
+        outputs[MESSAGE] = as_message(f"loaded the settings of ID {entry.id}: {entry.name}"
+                                      + warnings_text(entry.extra.get("warnings") or ()))
         outputs[TABS] = gr.update(selected=MERGE_TAB)  # show what was loaded
         return outputs
 
@@ -377,6 +386,12 @@ def _history_id(value: Any) -> int:
 
 def _kept(name: str, keep: Mapping[str, Any]) -> dict:
     return {"value": keep[name]} if name in keep else {}
+
+
+def _warned(extra: Mapping[str, Any]) -> str:
+    """A history row's mark for a merge that had warnings ("Load settings" shows them)."""
+    count = len(extra.get("warnings") or ())
+    return f" ⚠ {count} warning{'s' if count != 1 else ''}" if count else ""
 
 
 def _mode_text(recipe: Recipe) -> str:

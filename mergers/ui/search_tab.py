@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 GALLERY, TABLE, BEST, BEST_BOX = "search.gallery", "search.table", "search.best", "search.best_weights"
 START, STOP, USE_BEST = "search.start", "search.stop", "search.use_best"
 BASE_FIELDS = ("model_a", "model_b", "model_c", "mode", "calcmode", "alpha", "beta", "weights_alpha", "weights_beta")
-SEARCH_FIELDS = ("side", "blocks", "lower", "upper", "budget", "seed", "optimizer", "children", "scorer", "reference")
+SEARCH_FIELDS = ("side", "blocks", "lower", "upper", "budget", "seed", "optimizer", "children", "scorer", "reference",
+                 "restore")
 START_FIELDS = (*BASE_FIELDS, *(f"gen.{name}" for name in GENERATION_FIELDS), *SEARCH_FIELDS)
 START_OUTPUTS = (MESSAGE, GALLERY, TABLE, BEST)
 TABLE_HEADERS = ("n", "score", "history ID", "weights")  # the long weights last, so the ID stays in sight
@@ -89,7 +90,8 @@ class SearchActions:
             base_recipe(values), generation_params(values, self.session.host.default_generation()),
             side=values.get("side") or "alpha", blocks=blocks, bounds=(values.get("lower"), values.get("upper")),
             budget=whole_number(values, "budget"), seed=whole_number(values, "seed"),
-            optimizer=values.get("optimizer") or "es", children=whole_number(values, "children", default=1))
+            optimizer=values.get("optimizer") or "es", children=whole_number(values, "children", default=1),
+            restore=bool(values.get("restore")))
 
     def scorer(self, values: Mapping[str, Any]) -> Scorer:
         choice = values.get("scorer") or next(iter(SCORERS))
@@ -221,9 +223,13 @@ class Shown:
         """The summary: the result's, or the error's with the best candidate scored before it."""
         best = result.best if result is not None else None
         if error is None:
-            where = f"history ID {result.final_history_id or best.history_id}" if best else ""
-            message = result.summary + (f"; in the model now ({where}): {self.side} "
-                                        f"{readable(best.weights, self.layout)}" if best else "")
+            message = result.summary
+            if best is not None and result.restored:
+                message += f"; best #{best.number} (history ID {best.history_id}): {self.side} " \
+                           f"{readable(best.weights, self.layout)}"
+            elif best is not None:
+                where = f"history ID {result.final_history_id or best.history_id}"
+                message += f"; in the model now ({where}): {self.side} {readable(best.weights, self.layout)}"
         else:
             message = str(error) + (f" — best so far #{best.number} scores {best.score:.4g} (not swapped in)"
                                     if best else "")
@@ -353,6 +359,7 @@ def _search_section(w: dict) -> None:
             w["children"] = gr.Number(value=1, precision=0, label="es: children per generation")
         w["scorer"] = gr.Radio(choices=list(SCORERS), value=next(iter(SCORERS)), label="Score by")
         w["reference"] = gr.Image(type="pil", label="Reference image (for similarity)")
+        w["restore"] = gr.Checkbox(value=False, label="restore the model at the end (instead of swapping in the best)")
         gr.Markdown(as_message(HINT))
 
 

@@ -16,6 +16,7 @@ from mergers.host import GenerationParams
 from mergers.methods.modes import method_for
 from mergers.ui.fields import FIELDS_BY_NAME, GENERATION_FIELDS, ui_from_params
 from mergers.ui.handlers import (
+    ALLOW_NON_FINITE,
     ARCH_INFO,
     GALLERY,
     HISTORY,
@@ -188,6 +189,8 @@ def save_section(w: Widgets) -> None:
         with gr.Row():
             add(w, "prune", "reset_clip")
             w[OVERWRITE] = gr.Checkbox(label="overwrite", value=False)
+            # Off: a merge holding NaN/Inf is refused, naming the key (it never reaches the loaded model either way).
+            w[ALLOW_NON_FINITE] = gr.Checkbox(label="write NaN/Inf", value=False)
         add(w, "bake_vae")
         w["save"] = gr.Button("Save", variant="primary")
 

@@ -23,6 +23,7 @@ from mergers.session import MergeSession
 from mergers.ui import sections
 from mergers.ui.fields import FIELD_NAMES, GENERATION_NAMES
 from mergers.ui.handlers import (
+    ALLOW_NON_FINITE,
     ARCH_INFO,
     GALLERY,
     HISTORY,
@@ -158,14 +159,14 @@ def _bind_all(w: Widgets, actions: TabActions) -> None:
 def _bind_merging(w: Widgets, actions: TabActions) -> None:
     """Merge, Merge and Gen, Gen, Stop (unqueued, so it runs beside a merge), Restore, Save."""
     everything = FIELD_NAMES + GENERATION_NAMES
-    bind(w["merge"].click, actions.merge, w, FIELD_NAMES, (MESSAGE, HISTORY), progress=True)
-    bind(w["merge_and_gen"].click, actions.merge_and_generate, w, everything,
+    bind(w["merge"].click, actions.merge, w, (*FIELD_NAMES, ALLOW_NON_FINITE), (MESSAGE, HISTORY), progress=True)
+    bind(w["merge_and_gen"].click, actions.merge_and_generate, w, (*everything, ALLOW_NON_FINITE),
          (MESSAGE, HISTORY, GALLERY, INFOTEXT), progress=True)
     bind(w["gen"].click, actions.generate, w, GENERATION_NAMES, (MESSAGE, GALLERY, INFOTEXT))
     bind(w["stop"].click, actions.stop, w, (), (MESSAGE,), queue=False)
     bind(w["restore"].click, actions.restore, w, (), (MESSAGE,))
-    bind(w["save"].click, actions.save, w, (SAVE_NAME, "dtype", "prune", OVERWRITE, "bake_vae"), (MESSAGE,),
-         progress=True)
+    bind(w["save"].click, actions.save, w, (SAVE_NAME, "dtype", "prune", OVERWRITE, "bake_vae", ALLOW_NON_FINITE),
+         (MESSAGE,), progress=True)
 
 
 def _bind_choices(w: Widgets, actions: TabActions) -> None:

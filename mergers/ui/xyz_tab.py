@@ -50,7 +50,8 @@ BASE_EXTRA = "xyz.base_extra"  # recipe fields loaded from history that the tab 
 QUEUE_HEADERS = ("ID", "status", "X", "Y", "Z", "cells", "merges")
 # The options checkbox group: label → PlotOptions field.
 OPTION_LABELS = {"swap X/Y": "swap_xy", "save each merged model": "save_models", "save CSV": "save_csv",
-                 "save animated GIF": "save_gif", "difference view": "difference"}
+                 "save animated GIF": "save_gif", "difference view": "difference",
+                 "restore the model after the plot": "restore"}
 BASE_FIELDS = ("model_a", "model_b", "model_c", "mode", "calcmode", "alpha", "beta", "weights_alpha",
                "weights_beta", "dice_mode", "dice_seed")
 GENERATION_FIELDS = ("prompt", "negative_prompt", "steps", "sampler", "cfg_scale", "width", "height", "seed")

@@ -74,6 +74,7 @@ class PlotOptions:
     save_csv: bool = False
     save_gif: bool = False
     difference: bool = False
+    restore: bool = False  # after the plot, the checkpoint's own weights go back (not the last cell's merge)
 
 
 @dataclass(frozen=True)

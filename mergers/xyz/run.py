@@ -27,7 +27,7 @@ from PIL import Image
 from mergers.engine import ProgressCallback
 from mergers.errors import MergeError
 from mergers.recipe import Recipe
-from mergers.session import MergeOutcome, MergeSession
+from mergers.session import MergeOutcome, MergeSession, warnings_text
 from mergers.xyz.plan import Cell, XyzPlan
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ class PlotResult:
     stopped: bool = False
     error: str | None = None
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # the merges' warnings, in order
+    restored: int | None = None  # options.restore: tensors put back after the plot
 
     @property
     def complete(self) -> bool:
@@ -68,7 +70,8 @@ class PlotResult:
         made = f"{len(self.cells)} of {len(self.plan.cells)} cells, {self.merges} merges"
         partial = f" ({self.partial_merges} swapped only changed keys)" if self.partial_merges else ""
         ending = " — stopped" if self.stopped else f" — failed: {self.error}" if self.error else ""
-        return f"XYZ plot: {made}{partial} in {self.seconds:.1f} s{ending}"
+        ending += "; the model was restored to its checkpoint" if self.restored is not None else ""
+        return f"XYZ plot: {made}{partial} in {self.seconds:.1f} s{ending}" + warnings_text(self.warnings)
 
 
 class PlotRunner:
@@ -96,8 +99,17 @@ class PlotRunner:
                     break
         finally:
             result.stopped = self._stop.is_set() and not result.complete
+            if plan.spec.options.restore:
+                self._restore(result)
             result.seconds = time.perf_counter() - started
         return result
+
+    def _restore(self, result: PlotResult) -> None:
+        """The plan's "restore" option: the checkpoint's own weights back, not the last cell's merge."""
+        try:
+            result.restored = self.session.restore()
+        except MergeError as error:
+            result.error = f"{result.error + '; ' if result.error else ''}restoring the model failed: {error}"
 
     def _merge_and_generate(self, plan: XyzPlan, group: tuple[int, ...], result: PlotResult,
                             on_cell: CellCallback | None, on_progress: ProgressCallback | None) -> bool:
@@ -106,6 +118,7 @@ class PlotRunner:
         try:
             outcome = self.session.merge(first.recipe, on_progress=on_progress, only_changed=True)
             result.merges += 1
+            result.warnings.extend(outcome.warnings)
             result.partial_merges += outcome.rewritten is not None
             if plan.spec.options.save_models:
                 result.saved_models.append(self._save(outcome, result.merges))
