@@ -237,6 +237,9 @@ class StateResponse(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     changed_keys: int = 0
     checkpoint: str | None = None  # the loaded checkpoint's file name (None: no model loaded)
+    # bottom first: {"kind": "merge", "name", "history_id"} or {"kind": "checkpoint", "name"}, then the
+    # layers on top, e.g. {"kind": "lora", "name": "style:0.8"} (the LoRA tab); "name" above says it in words
+    stack: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class GenerateResponse(MergeResponse):

@@ -22,7 +22,7 @@ from mergers.dice import Dice
 from mergers.errors import MergeError
 from mergers.fileio import ensure_utf8_console
 from mergers.estimate import estimate
-from mergers.interop import describe_stored_recipes, rerunnable_recipe
+from mergers.interop import describe_stored_recipes, file_dtype_of, rerunnable
 from mergers.merge import merge_to_file, open_sources, resolve_path
 from mergers.metadata import A1111_RECIPE_KEY, stored_recipe
 from mergers.methods import CALCMODES, MODES
@@ -42,7 +42,8 @@ When block weights are given they decide every key, BASE included; --alpha/--bet
 
 
 # Commands that live beside their feature: each module has ``add_command(commands)``.
-COMMAND_MODULES: tuple[str, ...] = ("mergers.run_cli", "mergers.xyz.cli", "mergers.lora.cli", "mergers.analysis_cli")
+COMMAND_MODULES: tuple[str, ...] = ("mergers.run_cli", "mergers.xyz.cli", "mergers.lora.cli", "mergers.analysis_cli",
+                                    "mergers.selftest")
 
 
 def build_parser(command_modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.ArgumentParser:
@@ -151,6 +152,7 @@ def _add_recipe(commands) -> None:
     cmd.add_argument("--models", metavar="DIR", default=".", help="folder holding the input models (default .)")
     _add_output_options(cmd)
     add_allow_non_finite(cmd)
+    cmd.add_argument("--prune", action="store_true", help="drop EMA and training-only keys (as merge --prune)")
     cmd.set_defaults(run=run_recipe)
 
 
@@ -262,7 +264,7 @@ def checkpoint_info(ckpt) -> dict:
         "shorthash": ckpt.shorthash(),
         "legacy_hash": ckpt.legacy_hash(),
         "recipe": stored[0].to_dict() if stored else _a1111_recipe(ckpt.metadata),
-        "stored_recipes": describe_stored_recipes(ckpt.metadata),
+        "stored_recipes": describe_stored_recipes(ckpt.metadata, file_dtype=file_dtype_of(map(ckpt.dtype, ckpt))),
     }
 
 
@@ -278,9 +280,19 @@ def _a1111_recipe(metadata: dict):
 
 def run_recipe(args) -> int:
     with open_checkpoint(args.file) as ckpt:  # ours, the original's, A1111's or sd-mecha's, where it maps
-        recipe, models = rerunnable_recipe(ckpt.metadata, source=str(args.file))
+        mapped = rerunnable(ckpt.metadata, source=str(args.file), file_dtype=file_dtype_of(map(ckpt.dtype, ckpt)))
+    print(f"replaying {mapped.summary} ({mapped.tool}); arithmetic: {mapped.arithmetic}")
+    if mapped.not_recorded:
+        print(f"note: its format does not record these settings, which may have been used: "
+              f"{'; '.join(mapped.not_recorded)}")
+    recipe = mapped.recipe.with_changes(**recipe_overrides(args))
     folder = Path(args.models)
-    return _merge_and_report(recipe, args, resolve=lambda name: find_model(name, folder, models))
+    return _merge_and_report(recipe, args, resolve=lambda name: find_model(name, folder, mapped.models))
+
+
+def recipe_overrides(args) -> dict:
+    """The `recipe` command's options that change the stored recipe (the rest go to the merge itself)."""
+    return {**({"dtype": args.dtype} if args.dtype else {}), **({"prune": True} if args.prune else {})}
 
 
 def run_demo(args) -> int:

@@ -62,6 +62,10 @@ class LiveModel(Protocol):
     def after_change(self, merged: bool) -> None:
         """Tell the host its weights changed (reset conditioning caches; name the merge, or not)."""
 
+    # Optional: ``wrote(key, value)``, called after each tensor written (merged, restored) with the value at
+    # the precision it was computed or read in, before the live dtype rounded it: for hosts that keep
+    # their own copies of weights (A1111's fp16 copies of fp8-stored ones, mergers/hosts/a1111.py).
+
 
 class Host(Protocol):
     """The program the merger runs in."""

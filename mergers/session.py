@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import threading
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from mergers.chain import load_recipe_file
+from mergers.checkpoint import open_checkpoint
 from mergers.engine import CancelToken, ProgressCallback, run_plan
 from mergers.errors import MergeError, NonFiniteError, OutputError
 from mergers.history import History, HistoryEntry, merge_name
@@ -35,6 +37,7 @@ from mergers.merge import merge_to_file, open_sources
 from mergers.models import VIRTUAL_SUFFIX
 from mergers.plan import KeyStep, MergePlan, Sources, plan_merge
 from mergers.recipe import Recipe
+from mergers.stack import Layer, LayerOutcome, layer_infotext, replace_layer, stack_name, stacked
 from mergers.swap import Swapper
 
 # A saved file's name: letters, digits and a few marks; no folders, no "..".
@@ -45,6 +48,8 @@ UNSAFE_FILE_CHARS = re.compile(r"[^\w.+=\-\[\]]")
 # they are not: a models folder of ~100 characters, the stem, ".safetensors" and the writer's temp suffix fit.
 MAX_FILE_STEM = 120 if os.name == "nt" else 200
 NOT_SWAPPED = "The merge was stopped and the loaded model's weights were put back: none of it is in the model"
+LAYER_NOT_SWAPPED = ("nothing of it was kept: the loaded model is back to its checkpoint's own weights (what was "
+                     "swapped in under it too)")
 RESTORE_HINT = ("press Restore (the tab's \"Restore original\", the indicator's Restore, or POST "
                 "/supermerger/v1/restore) to put the checkpoint's own weights back")
 ALLOW_HINT = ("to write it to a file anyway, tick \"write NaN/Inf\" (tab), pass --allow-non-finite (command line) or "
@@ -132,6 +137,7 @@ class MergeSession:
         self._owner: int | None = None  # the thread holding the session (exclusive()), or None
         self._halt = threading.Event()  # Stop pressed while the session is held: the holder ends its run
         self.save_warnings: tuple[str, ...] = ()  # the last save's NaN/Inf keys it was allowed to write
+        self.layers: tuple[Layer, ...] = ()  # on top of the merge (or the checkpoint), bottom first (mergers/stack.py)
 
     def merge(self, recipe: Recipe, *, on_progress: ProgressCallback | None = None,
               only_changed: bool = False, history_extra: Mapping[str, Any] | None = None,
@@ -154,15 +160,25 @@ class MergeSession:
         """
         with self._running():
             started = time.perf_counter()
-            with open_sources(recipe, self.host.resolve) as sources:
-                plan = plan_merge(recipe, sources)
-                previous = self._previous_plan(plan, sources) if only_changed else None
-                steps = changed_steps(previous, plan) if previous is not None else None
-                partial = replace(plan, steps=steps) if steps is not None else plan
-                swapped, refusal = self._swap_finite(partial, sources, on_progress, keep_unwritten=steps is not None,
-                                                     allow_non_finite=allow_non_finite)
+            dropped = self._layers_in_model()
+            try:
+                with open_sources(recipe, self.host.resolve) as sources:
+                    plan = plan_merge(recipe, sources)
+                    previous = self._previous_plan(plan, sources) if only_changed else None
+                    steps = changed_steps(previous, plan) if previous is not None else None
+                    partial = replace(plan, steps=steps) if steps is not None else plan
+                    swapped, refusal = self._swap_finite(partial, sources, on_progress,
+                                                         keep_unwritten=steps is not None,
+                                                         allow_non_finite=allow_non_finite)
+            except BaseException:
+                if self._swapper is None or not self._swapper.merged:  # the swap put the checkpoint back
+                    self.layers = ()
+                raise
+            self.layers = ()  # a full merge rewrote the layers' keys (or the model is the checkpoint again)
             rewritten = len(steps) if steps is not None and not refusal else None
-            outcome = self._outcome(plan, swapped, time.perf_counter() - started, rewritten, refusal)
+            notes = (f"{_titles(dropped)} came out of the model with this merge; apply it again to put it on top",
+                     ) if dropped and swapped and not refusal else ()
+            outcome = self._outcome(plan, swapped, time.perf_counter() - started, rewritten, (*refusal, *notes))
             outcome = replace(outcome, refused=bool(refusal),
                               not_swapped_why="" if swapped else self._no_swap_reason())
             self.current = self._record(outcome, history_extra) if record else outcome
@@ -209,11 +225,7 @@ class MergeSession:
         """
         with self._running():
             started = time.perf_counter()
-            live = self.host.live_model()
-            if live is None:
-                raise MergeError("no model is loaded to apply this to")
-            if self._swapper is None or self._swapper.live is not live:
-                self._swapper = Swapper(live)
+            self._live_swapper()
             try:
                 with self.host.lock():
                     report = self._swapper.apply(stream(self._cancel), cancel=self._cancel, check_finite=True)
@@ -221,7 +233,54 @@ class MergeSession:
                 raise NonFiniteError(f"{name}: {error}. {NOT_SWAPPED}", key=error.key) from error
             self.current = MergeOutcome(name, None, None, report.changed, True, time.perf_counter() - started,
                                         "", dict(info or {}))
+            self.layers = ()  # the stream replaced everything (the swap reverted the rest to the file)
             return report.changed
+
+    def _live_swapper(self) -> Swapper:
+        """The swapper of the loaded model; a new one when the web UI loaded another model object."""
+        live = self.host.live_model()
+        if live is None:
+            raise MergeError("no model is loaded to apply this to")
+        if self._swapper is None or self._swapper.live is not live:
+            self._swapper = Swapper(live)
+        return self._swapper
+
+    def apply_layer(self, layer: Layer, *, on_progress: ProgressCallback | None = None) -> LayerOutcome:
+        """Put ``layer`` (e.g. the LoRA tab's LoRAs) on top of what is swapped in: the merge, else the checkpoint.
+
+        Each key it changes is computed from the bottom up (the merge's recipe streamed again for those keys,
+        else the checkpoint file, then every layer), so the model holds what the saved merge with the layer
+        baked in would; the merge's other keys stay. A layer of the same kind is replaced (its keys go back).
+        On any failure the loaded model is put back to its checkpoint (the merge under it too).
+
+        Example:
+            >>> session.merge(recipe); session.apply_layer(lora_layer(entries, ...)).stack
+            'a x 0.7 + b x 0.3, then LoRA style:0.8'
+        """
+        with self._running():
+            started = time.perf_counter()
+            live = self._live_swapper().live
+            merge, below = self._merge_in_model(), self._layers_in_model()
+            if self._swapper.merged and merge is None and not below:
+                raise MergeError(f"{self.current.name if self.current else 'an unsaved change'} is swapped in and "
+                                 f"cannot be streamed again to go under {layer.title}; {RESTORE_HINT} first")
+            layers, replaced = replace_layer(below, layer)
+            keys = set(layer.keys).union(*(old.keys for old in replaced))
+            try:
+                with self._values_below(merge, live, keys) as base, stacked(base, layers) as pairs, \
+                        self.host.lock():
+                    report = self._swapper.apply(_counted(pairs, len(keys), on_progress), cancel=self._cancel,
+                                                 keep_unwritten=True, check_finite=True)
+            except BaseException as error:
+                if not self._swapper.merged:  # the swapper put the checkpoint back: nothing of ours is in
+                    self.current, self.layers = None, ()
+                if isinstance(error, NonFiniteError):
+                    raise NonFiniteError(f"{layer.title}: {error}; {LAYER_NOT_SWAPPED}", key=error.key) from error
+                raise
+            self.layers = layers
+            base = merge.name if merge is not None else _stem(live.source)
+            return LayerOutcome(layer, report.changed, time.perf_counter() - started, stack_name(base, layers),
+                                replaced)
 
     def merge_and_generate(self, recipe: Recipe, params: GenerationParams, *,
                            on_progress: ProgressCallback | None = None) -> tuple[MergeOutcome, Generated]:
@@ -258,16 +317,23 @@ class MergeSession:
         live = self.host.live_model()
         source = getattr(live, "source", None)
         state: dict[str, Any] = {"merged": False, "name": None, "history_id": None, "recipe": None,
-                                 "warnings": [], "changed_keys": 0,
+                                 "warnings": [], "changed_keys": 0, "stack": [],
                                  "checkpoint": Path(source).name if source else None}
         if swapper is None or not swapper.merged or live is None or swapper.live is not live:
             return state
+        layers = self._layers_in_model()
+        stack = [{"kind": layer.kind, "name": layer.label} for layer in layers]
         if current is not None and current.swapped:
-            state.update(name=current.name, history_id=current.history_id, warnings=list(current.warnings),
+            state.update(name=stack_name(current.name, layers), history_id=current.history_id,
+                         warnings=list(current.warnings),
                          recipe=current.recipe.to_dict() if current.recipe is not None else None)
+            stack.insert(0, {"kind": "merge", "name": current.name, "history_id": current.history_id})
+        elif layers:  # LoRAs on the checkpoint's own weights
+            state["name"] = stack_name(_stem(source), layers)
+            stack.insert(0, {"kind": "checkpoint", "name": state["checkpoint"]})
         else:  # changed weights with no swapped-in outcome (a failed merge could not put all back): not the checkpoint
             state["name"] = "an unsaved change"
-        state.update(merged=True, changed_keys=len(swapper.changed_keys))
+        state.update(merged=True, changed_keys=len(swapper.changed_keys), stack=stack)
         return state
 
     def infotext(self) -> dict[str, Any]:
@@ -279,15 +345,22 @@ class MergeSession:
             {'SuperMerger': 'a x 0.5 + b x 0.5', 'SuperMerger ID': 3, 'SuperMerger recipe': '{...}'}
         """
         current, swapper = self.current, self._swapper
-        if current is None or not current.swapped or swapper is None or not swapper.merged:
+        if swapper is None or not swapper.merged:
             return {}
-        if self.host.live_model() is not swapper.live:  # the host loaded another checkpoint since
+        live = self.host.live_model()
+        if live is not swapper.live:  # the host loaded another checkpoint since
             return {}
-        extra: dict[str, Any] = {"SuperMerger": current.name, **current.info}
-        if current.history_id is not None:
+        layers = self._layers_in_model()
+        merged = current is not None and current.swapped
+        if not merged and not layers:
+            return {}
+        extra: dict[str, Any] = {"SuperMerger": stack_name(current.name if merged else _stem(live.source), layers),
+                                 **(current.info if merged else {})}
+        if merged and current.history_id is not None:
             extra["SuperMerger ID"] = current.history_id
-        if current.recipe is not None:
+        if merged and current.recipe is not None:
             extra["SuperMerger recipe"] = current.recipe.to_json()
+        extra.update(layer_infotext(layers))
         return extra
 
     def save(self, filename: str, *, dtype: str | None = None, prune: bool = False, overwrite: bool = False,
@@ -311,7 +384,10 @@ class MergeSession:
             except NonFiniteError as error:
                 raise NonFiniteError(f"{error}. Nothing was saved; {ALLOW_HINT}", key=error.key,
                                      method=error.method) from error
-        self.save_warnings = result.warnings
+        layers = self._layers_in_model()
+        on_top = ((f"the file holds the merge only: {_titles(layers)}, swapped in on top of it, is not in it (the "
+                   "LoRA tab's \"Save as checkpoint\" bakes LoRAs into a saved file)"),) if layers else ()
+        self.save_warnings = (*result.warnings, *on_top)
         return target
 
     def restore(self) -> int:
@@ -326,7 +402,7 @@ class MergeSession:
                 self._swapper = None  # e.g. the host loaded another checkpoint since: nothing of ours to undo
                 raise
             finally:
-                self.current = None
+                self.current, self.layers = None, ()
 
     def stop(self) -> None:
         """Cancel the running merge or save (it restores what it changed), and end a run that holds the
@@ -386,12 +462,52 @@ class MergeSession:
             return None
         if not swapper.merged or swapper.live is not self.host.live_model():
             return None  # a failed merge or a restore put the original back; another model was loaded
+        if self._layers_in_model():
+            return None  # layers on top (a LoRA): a full merge rewrites their keys too
         if plan.method.prepass is not None or not same_but_ratios(current.recipe, plan.recipe):
             return None  # a statistics pass (cosineA/B) depends on every key: merge in full
         previous = plan_merge(current.recipe, sources)
         if [step.key for step in previous.steps] != [step.key for step in plan.steps]:
             return None
         return previous
+
+    def _merge_in_model(self) -> MergeOutcome | None:
+        """The current merge when it is what the loaded model holds under any layers (streamable again), else None."""
+        current, swapper = self.current, self._swapper
+        if current is None or not current.swapped or current.recipe is None or swapper is None:
+            return None
+        return current if swapper.merged and swapper.live is self.host.live_model() else None
+
+    def _layers_in_model(self) -> tuple[Layer, ...]:
+        """The layers on top, while they are in the loaded model (none after a restore or another load)."""
+        swapper = self._swapper
+        if not self.layers or swapper is None or not swapper.merged or swapper.live is not self.host.live_model():
+            return ()
+        return self.layers
+
+    @contextlib.contextmanager
+    def _values_below(self, merge: MergeOutcome | None, live, keys: set[str]
+                      ) -> Iterator[Iterator[tuple[str, torch.Tensor]]]:
+        """``(key, value)`` for ``keys`` below every layer: the merge's (its recipe streamed again for just
+        those keys, full precision), else the checkpoint file's, else (keys in neither) the live tensor's."""
+        with contextlib.ExitStack() as opened:
+            parts, rest = [], set(keys)
+            if merge is not None:
+                sources = opened.enter_context(open_sources(merge.recipe, self.host.resolve))
+                plan = plan_merge(merge.recipe, sources)
+                steps = tuple(step for step in plan.steps if step.key in rest)
+                rest -= {step.key for step in steps}
+                parts.append(run_plan(replace(plan, steps=steps), sources, output_device="cpu", cancel=self._cancel,
+                                      mapped=True))
+            if rest and live.source is not None:
+                ckpt = opened.enter_context(open_checkpoint(live.source))
+                in_file = [key for key in ckpt if key in rest]  # file order: sequential reads
+                rest -= set(in_file)
+                parts.append((key, ckpt[key]) for key in in_file)
+            if rest:
+                tensors = live.tensors()
+                parts.append((key, tensors[key].detach().clone()) for key in sorted(rest) if key in tensors)
+            yield itertools.chain(*parts)
 
     def _no_swap_reason(self) -> str:
         """The host's reason for not swapping into its loaded model (optional ``Host.no_swap_reason``), or ""."""
@@ -446,6 +562,24 @@ class MergeSession:
             yield
         finally:
             self._busy.release()
+
+
+def _stem(source: Any) -> str:
+    """The loaded checkpoint's name for a stack's bottom (no merge in it)."""
+    return Path(source).stem if source else "the loaded model"
+
+
+def _titles(layers: Iterable[Layer]) -> str:
+    return ", then ".join(layer.title for layer in layers)
+
+
+def _counted(pairs: Iterable[tuple[str, torch.Tensor]], total: int,
+             on_progress: ProgressCallback | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``pairs``, calling ``on_progress(done, total, key)`` after each."""
+    for done, (key, value) in enumerate(pairs, 1):
+        yield key, value
+        if on_progress is not None:
+            on_progress(done, total, key)
 
 
 def _model_names(recipe: Recipe) -> dict[str, str]:

@@ -193,6 +193,7 @@ class Swapper:
             calls.begin()  # before the backup below: it must see the weights without the host's patches
             self._remember(key, target, sources)
             _copy(target, tensor)
+            self._wrote(key, tensor)
             written.add(key)
         return written, missing
 
@@ -264,6 +265,7 @@ class Swapper:
         count = self._read_back(from_file, tensors) if from_file else 0
         for key in [key for key in keys if key in self._backups]:
             _copy(_target(tensors, key), self._backups[key])
+            self._wrote(key, self._backups[key])  # the live value: the file has no other
             del self._backups[key]
             self._changed.discard(key)
             count += 1
@@ -282,10 +284,19 @@ class Swapper:
             for key in ckpt:
                 if key in wanted:
                     # copy_ rounds to the live dtype exactly as A1111's load (fp32 file, then .half()) did
-                    _copy(_target(tensors, key), ckpt[key])
+                    value = ckpt[key]
+                    _copy(_target(tensors, key), value)
+                    self._wrote(key, value)
                     self._changed.discard(key)
                     count += 1
         return count
+
+    def _wrote(self, key: str, value: torch.Tensor) -> None:
+        """Hand the value just copied into ``key`` to the host, at full precision (optional ``LiveModel.wrote``):
+        a host that keeps its own copies of weights (A1111's fp16 copies of fp8 ones) fills them from it."""
+        wrote = getattr(self.live, "wrote", None)
+        if wrote is not None:
+            wrote(key, value)
 
     def _checked_source(self, keys: Collection[str]) -> Path:
         source = self.live.source

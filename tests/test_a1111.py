@@ -31,7 +31,7 @@ from mergers.recipe import Recipe
 from mergers.session import MergeSession
 from mergers.swap import live_tensors
 from mergers.writer import save_checkpoint
-from platforms import WINDOWS, needs_extension_link
+from platforms import WINDOWS, needs_extension_link, needs_gradio
 
 ROOT = Path(__file__).resolve().parents[1]
 STUB = Path(__file__).resolve().parent / "a1111_stub"
@@ -552,3 +552,132 @@ def test_a_merge_stays_restorable_after_reload_ui(webui):
     assert [c.callback for c in callbacks] == [second.host.model_loaded]
     assert second.session.restore() > 0
     assert _equal(live_tensors(webui.model), original) == []
+
+
+# --- a stack: the merge, then the LoRA tab's LoRAs (issue 24) -------------------------------------
+
+
+@needs_gradio
+def test_a_tab_lora_goes_on_top_of_the_merge_swapped_in(webui, merged, tmp_path):
+    """Merge, then the LoRA tab's "Apply to loaded model": the model is the saved merge with the LoRA baked
+    in (not A + LoRA), and the message, the state and the infotext say both; Restore gives the file back."""
+    from mergers.lora.apply import loras_to_checkpoint
+    from mergers.lora.blocks import parse_entries
+    from mergers.ui import lora_tab
+    from mergers.ui.handlers import MESSAGE
+    from tests.test_lora_fixtures import make_lora
+
+    folder = tmp_path / "Lora"
+    folder.mkdir()
+    make_lora(folder / "style.safetensors", "sd1", rank=2, seed=1)  # U-Net and text encoder, convs too
+    actions = lora_tab.LoraActions(merged.session)
+    message = actions.apply_to_loaded({lora_tab.FOLDER: str(folder), lora_tab.ENTRIES: "style:0.7"})[MESSAGE]
+    baked = tmp_path / "merge+style.safetensors"
+    loras_to_checkpoint(merged.expected, parse_entries("style:0.7"), baked, resolve=lambda n: folder / f"{n}.safetensors")
+    live = live_tensors(webui.model)
+    assert _equal(live, _file_tensors(baked, live)) == []
+    assert f"it now holds {merged.outcome.name}, then LoRA style:0.7" in message
+    state = merged.session.state()
+    assert state["name"] == f"{merged.outcome.name}, then LoRA style:0.7"
+    assert [(part["kind"], part["name"]) for part in state["stack"]] == [("merge", merged.outcome.name),
+                                                                        ("lora", "style:0.7")]
+    merged.session.generate(PARAMS)
+    p, _ = webui.processing.processed_log[-1]
+    assert p.extra_generation_params["SuperMerger LoRA"] == "style:0.7"
+    assert p.extra_generation_params["SuperMerger ID"] == merged.outcome.history_id
+    # Applying again replaces the tab's LoRA: the merge under it stays.
+    actions.apply_to_loaded({lora_tab.FOLDER: str(folder), lora_tab.ENTRIES: "style:0.2"})
+    loras_to_checkpoint(merged.expected, parse_entries("style:0.2"), baked, overwrite=True,
+                        resolve=lambda n: folder / f"{n}.safetensors")
+    live = live_tensors(webui.model)
+    assert _equal(live, _file_tensors(baked, live)) == []
+    assert "checkpoint file again" in actions.restore({})[MESSAGE]
+    live = live_tensors(webui.model)
+    assert _equal(live, _file_tensors(_source(webui), live)) == []
+    assert merged.session.state()["stack"] == []
+
+
+@needs_gradio
+def test_a_new_merge_takes_the_tab_lora_out_and_says_so(webui, merged, tmp_path):
+    from mergers.ui import lora_tab
+    from tests.test_lora_fixtures import make_lora
+
+    make_lora(tmp_path / "style.safetensors", "sd1", rank=2, seed=1, only="attentions_0")
+    lora_tab.LoraActions(merged.session).apply_to_loaded({lora_tab.FOLDER: str(tmp_path), lora_tab.ENTRIES: "style:1"})
+    outcome = merged.session.merge(Recipe(model_a="a.safetensors", model_b="c.safetensors", alpha=0.5))
+    assert any("LoRA style:1 came out of the model" in warning for warning in outcome.warnings)
+    expected = tmp_path / "ac.safetensors"
+    merge_to_file(outcome.recipe, expected, resolve=merged.host.resolve)
+    live = live_tensors(webui.model)
+    assert _equal(live, _file_tensors(expected, live)) == []
+    assert [part["kind"] for part in merged.session.state()["stack"]] == ["merge"]
+
+
+# --- FP8 weight storage with "Cache FP16 weight for LoRA" (issue 24) -------------------------------
+
+
+def _select_lora(webui: SimpleNamespace, model: torch.nn.Module) -> None:
+    """The fixture's prompt LoRA, selected for ``model`` (A1111 names the layers of each model it loads)."""
+    webui.networks.assign_network_names_to_compvis_modules(model)
+    layers = model.network_layer_mapping
+    deltas = {name: torch.full(layers[name].weight.shape, 0.25, dtype=torch.float16) for name in (TE_LAYER, UNET_LAYER)}
+    webui.networks.loaded_networks[:] = [webui.networks.Network("detail", {k: webui.networks.NetworkModule(v)
+                                                                           for k, v in deltas.items()})]
+
+
+def _fresh_load(webui: SimpleNamespace, path: Path) -> tuple[dict[str, torch.Tensor], dict, list]:
+    """A1111 loading ``path`` from scratch, the prompt LoRA on, one generation: its weights, fp16 copies, images."""
+    model = webui.sd_models.load_model(webui.sd_models.CheckpointInfo(str(path)))
+    _select_lora(webui, model)
+    images = _generate(webui)
+    return _snapshot(model), _fp16_copies(model), images
+
+
+def _generate(webui: SimpleNamespace) -> list[np.ndarray]:
+    p = webui.processing.StableDiffusionProcessingTxt2Img(prompt=PARAMS.prompt, seed=PARAMS.seed, steps=PARAMS.steps,
+                                                          width=PARAMS.width, height=PARAMS.height)
+    return _pixels(webui.processing.process_images(p))
+
+
+def _fp16_copies(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from mergers.hosts.a1111 import fp16_copy_slots
+
+    return {key: getattr(module, name).clone() for key, (module, name) in fp16_copy_slots(model).items()}
+
+
+def _same(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> list[str]:
+    return sorted(key for key in left.keys() | right.keys() if key not in left or key not in right
+                  or not torch.equal(left[key], right[key]))
+
+
+def test_fp8_storage_with_the_fp16_cache_gives_a_fresh_loads_lora_after_swap_and_restore(webui, tmp_path):
+    """A1111 fills ``fp16_weight``/``fp16_bias`` from the full-precision weights and adds prompt LoRAs to those;
+    after a swap and after Restore they must hold the merged/restored values, not the fp8-rounded ones."""
+    webui.shared.opts.fp8_storage, webui.shared.opts.cache_fp16_weight = "Enable", True
+    source = _source(webui)
+    model = webui.sd_models.load_model(webui.sd_models.CheckpointInfo(str(source)))
+    slots = _fp16_copies(model)
+    assert slots and live_tensors(model)[UNET_KEY + ".weight"].dtype == torch.float8_e4m3fn
+    assert TE_KEY + ".bias" in slots and "first_stage_model.decoder.conv_out.weight" not in slots  # not the VAE
+    _select_lora(webui, model)
+    _generate(webui)  # the LoRA is patched in, its fp8 backups beside it
+    host = _host(webui, tmp_path)
+    session = MergeSession(host)
+    outcome = session.merge(Recipe(model_a="a.safetensors", model_b="b.safetensors", alpha=0.3))
+    expected = tmp_path / "expected.safetensors"
+    merge_to_file(outcome.recipe, expected, resolve=host.resolve)
+    swapped_images = _generate(webui)
+    swapped = (_snapshot(model), _fp16_copies(model))
+    lora_keys = {UNET_KEY + ".weight", TE_KEY + ".weight"}
+    assert any(not torch.equal(copy, swapped[0][key].half())  # finer than fp8
+               for key, copy in swapped[1].items() if key not in lora_keys)
+    session.restore()
+    restored_images = _generate(webui)
+    restored = (_snapshot(model), _fp16_copies(model))
+
+    weights, copies, images = _fresh_load(webui, expected)
+    assert _same(swapped[1], copies) == [] and _same(swapped[0], weights) == []
+    assert all(np.array_equal(x, y) for x, y in zip(swapped_images, images, strict=True))
+    weights, copies, images = _fresh_load(webui, source)
+    assert _same(restored[1], copies) == [] and _same(restored[0], weights) == []
+    assert all(np.array_equal(x, y) for x, y in zip(restored_images, images, strict=True))

@@ -149,9 +149,11 @@ def test_median_filter_chunks_give_the_same_answer(monkeypatch):
 # the table ---------------------------------------------------------------------------
 
 def test_mode_table_follows_the_originals_available_modes():
+    foreign = ["A1111", "sd-mecha"]  # other tools' arithmetic, for replays of their recipes (test_interop)
     assert calcmodes_for("Weight sum") == ["normal", "cosineA", "cosineB", "tensor", "tensor2", "self", "plus random",
-                                           "cosineA consistent"]
-    assert calcmodes_for("Add difference") == ["normal", "trainDifference", "smoothAdd", "smoothAdd MT", "extract"]
+                                           "cosineA consistent", *foreign]
+    assert calcmodes_for("Add difference") == ["normal", "trainDifference", "smoothAdd", "smoothAdd MT", "extract",
+                                               *foreign]
     assert calcmodes_for("Triple sum") == ["normal"] and calcmodes_for("sum Twice") == ["normal"]
     with pytest.raises(RecipeError, match="trainDifference works with Add difference"):
         method_for("Weight sum", "trainDifference")

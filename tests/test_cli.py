@@ -149,3 +149,95 @@ def test_killing_the_cli_mid_write_leaves_no_output(tmp_path):
     assert not out.exists()
     save_checkpoint(tmp_path / "next.safetensors", {"w": torch.ones(1)})
     assert not [p for p in tmp_path.iterdir() if TEMP_MARK in p.name]
+
+
+# `recipe`: every option takes effect ----------------------------------------------------------
+
+@pytest.fixture
+def merged(models, tmp_path):
+    """A merge of A and B (fp16, as the inputs) whose stored recipe the tests replay."""
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", str(models[0]), str(models[1]), "--alpha", "0.3", "-o", str(out)]) == 0
+    return out
+
+
+def _replay(merged, models, out, *options) -> int:
+    return main(["recipe", str(merged), "--models", str(models[0].parent), "-o", str(out), *map(str, options)])
+
+
+def _dtypes(path) -> set:
+    with open_checkpoint(path) as ckpt:
+        return {ckpt.dtype(k) for k in ckpt if ckpt.dtype(k).is_floating_point}
+
+
+def test_recipe_dtype_writes_that_precision(merged, models, tmp_path):
+    assert _replay(merged, models, tmp_path / "as_stored.safetensors") == 0
+    assert _dtypes(tmp_path / "as_stored.safetensors") == {torch.float16}
+    assert _replay(merged, models, tmp_path / "fp32.safetensors", "--dtype", "fp32") == 0
+    assert _dtypes(tmp_path / "fp32.safetensors") == {torch.float32}
+    with open_checkpoint(tmp_path / "fp32.safetensors") as ckpt:  # and the replay records what it did
+        assert json.loads(ckpt.metadata["supermerger_recipe"])["recipe"]["dtype"] == "fp32"
+
+
+def test_recipe_prune_drops_ema_keys(models, tmp_path):
+    for path in models[:2]:  # inputs holding an EMA key
+        with open_checkpoint(path) as ckpt:
+            state = {k: ckpt[k] for k in ckpt}
+        save_checkpoint(path, {**state, "model_ema.decay": torch.tensor(0.9999)}, overwrite=True)
+    merged = tmp_path / "merged.safetensors"
+    assert main(["merge", str(models[0]), str(models[1]), "-o", str(merged)]) == 0
+    assert _replay(merged, models, tmp_path / "kept.safetensors") == 0
+    assert _replay(merged, models, tmp_path / "pruned.safetensors", "--prune") == 0
+    with open_checkpoint(tmp_path / "kept.safetensors") as kept, open_checkpoint(tmp_path / "pruned.safetensors") as pruned:
+        assert "model_ema.decay" in kept and "model_ema.decay" not in pruned
+        assert set(pruned) == set(kept) - {"model_ema.decay"}
+
+
+def test_recipe_device_is_used_and_a_bad_one_refused(merged, models, tmp_path):
+    assert _replay(merged, models, tmp_path / "cpu.safetensors", "--device", "cpu") == 0
+    done = run_cli("recipe", merged, "--models", models[0].parent, "-o", tmp_path / "x.safetensors",
+                   "--device", "no-such-device")
+    assert done.returncode == 2 and "no-such-device" in done.stderr and not (tmp_path / "x.safetensors").exists()
+
+
+def test_recipe_overwrite_replaces_only_when_asked(merged, models, tmp_path):
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"old")
+    done = run_cli("recipe", merged, "--models", models[0].parent, "-o", out)
+    assert done.returncode == 2 and "exists" in done.stderr and out.read_bytes() == b"old"
+    assert _replay(merged, models, out, "--overwrite") == 0
+    assert _dtypes(out) == {torch.float16}
+
+
+def test_recipe_output_and_models_folder(merged, models, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = run_cli("recipe", merged, "--models", elsewhere, "-o", tmp_path / "x.safetensors")
+    assert done.returncode == 2 and "not found in" in done.stderr  # the inputs are looked for in --models only
+    assert _replay(merged, models, tmp_path / "sub.safetensors") == 0 and (tmp_path / "sub.safetensors").exists()
+
+
+def test_recipe_allow_non_finite_writes_what_is_otherwise_refused(models, tmp_path):
+    for path, value in zip(models, (60000.0, 60000.0, -60000.0)):  # A + (B − C) passes fp16's range
+        with open_checkpoint(path) as ckpt:
+            state = {k: ckpt[k] for k in ckpt}
+        key = "model.diffusion_model.out.2.bias"
+        state[key] = torch.full_like(state[key], value)
+        save_checkpoint(path, state, overwrite=True)
+    merged = tmp_path / "merged.safetensors"
+    assert main(["merge", *map(str, models), "--mode", "add_difference", "--alpha", "1",
+                 "--allow-non-finite", "-o", str(merged)]) == 0
+    done = run_cli("recipe", merged, "--models", models[0].parent, "-o", tmp_path / "x.safetensors")
+    assert done.returncode == 2 and "not finite" in done.stderr
+    assert _replay(merged, models, tmp_path / "x.safetensors", "--allow-non-finite") == 0
+    with open_checkpoint(tmp_path / "x.safetensors") as ckpt:
+        assert torch.isinf(ckpt["model.diffusion_model.out.2.bias"]).all()
+
+
+def test_every_recipe_option_has_a_test():
+    """A new `recipe` option needs a test above (that it takes effect) or a refusal."""
+    from mergers.cli import build_parser
+
+    args = vars(build_parser(()).parse_args(["recipe", "merged.safetensors", "-o", "out.safetensors"]))
+    assert set(args) - {"command", "verbose", "run"} == {"file", "models", "output", "dtype", "device", "overwrite",
+                                                        "allow_non_finite", "prune"}

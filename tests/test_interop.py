@@ -90,32 +90,7 @@ def test_original_supermerger_recipe_maps_block_weights_and_exclude():
     assert known["model_b"]["sha256"] == SHA["b"]
 
 
-def test_sd_mecha_recipe_maps_weighted_sum_and_add_difference_as_a_chain():
-    text = "\n".join([
-        "version 0.1.0",
-        'model "a.safetensors" model_config="sd1-ldm" merge_space="weight"',
-        'model "b.safetensors" model_config="sd1-ldm" merge_space="weight"',
-        'merge "weighted_sum" &0 &1 alpha=0.25',
-        'model "c.safetensors" model_config="sd1-ldm" merge_space="weight"',
-        'model "d.safetensors" model_config="sd1-ldm" merge_space="weight"',
-        'merge "subtract" &3 &4',
-        'merge "add_difference" &2 &5 alpha=0.5',
-    ])
-    mapped = describe_stored_recipes({"mecha_recipe": text})["sd-mecha"]
-    assert mapped["runnable"], mapped["cannot_map"]
-    recipe = Recipe.from_dict(mapped["recipe"])
-    assert recipe.model_a == Recipe(model_a="a.safetensors", model_b="b.safetensors", alpha=0.25)
-    assert (recipe.mode, recipe.model_b, recipe.model_c, recipe.alpha) == \
-        ("add_difference", "c.safetensors", "d.safetensors", 0.5)
-    assert mapped["summary"].startswith("add_difference(weighted_sum(a.safetensors, b.safetensors, alpha=0.25)")
-
-
-def test_sd_mecha_methods_without_a_counterpart_are_named():
-    text = "version 0.1.0\nmodel \"a\"\nmodel \"b\"\ndict IN00=0.1 OUT00=0.2\nmerge \"ties_sum\" &0 &1 alpha=&2"
-    mapped = describe_stored_recipes({"mecha_recipe": text})["sd-mecha"]
-    assert not mapped["runnable"] and "method 'ties_sum' has no counterpart here" in mapped["cannot_map"]
-    broken = describe_stored_recipes({"mecha_recipe": "merge nothing"})["sd-mecha"]
-    assert "cannot read it" in broken["cannot_map"][0]
+# sd-mecha's recipes are made and merged by the real sd-mecha in tests/test_interop_mecha.py.
 
 
 def test_our_own_files_rerun_from_the_a1111_keys_we_write_too(tmp_path, models):
@@ -165,3 +140,159 @@ def test_run_command_runs_a_chained_recipe_file(tmp_path, models, capsys):
     assert main(["run", str(missing), "-o", str(tmp_path / "x.safetensors")],
                 command_modules=("mergers.run_cli",)) == 2
     assert "nope.safetensors" in capsys.readouterr().err
+
+
+# Replaying as the source tool computed ------------------------------------------------------
+
+def a1111_merge(paths, method: str, multiplier: float) -> dict:
+    """What A1111 v1.10.1's run_modelmerger computes with save_as_half: B (− C) first, then each key
+    of A that holds "model", that B has and that is not CLIP's position_ids, in the files' dtype:
+    ``(1 − m)·A + m·B`` or ``A + m·(B − C)``, then ``.half()`` of fp32 results."""
+    state = [{k: ckpt[k] for k in ckpt} for ckpt in map(open_checkpoint, paths)]
+    a, b = state[0], dict(state[1])
+    if method == "Add difference":
+        b = {k: (t - state[2][k]) if "model" in k and k in state[2] else t for k, t in b.items()}
+    for key in a:
+        if "model" in key and key in b and not key.endswith("embeddings.position_ids"):
+            merged = ((1 - multiplier) * a[key]) + (multiplier * b[key]) if method == "Weighted sum" \
+                else a[key] + (multiplier * b[key])
+            a[key] = merged.half() if merged.dtype == torch.float else merged
+    return a
+
+
+def a1111_file(tmp_path, paths, method="Weighted sum", multiplier=0.3):
+    """A file as A1111 writes it: its arithmetic, and its sd_merge_recipe / sd_merge_models."""
+    from mergers.writer import save_checkpoint
+
+    hashes = [open_checkpoint(p).sha256() for p in paths]
+    recipe = {"type": "webui", "primary_model_hash": hashes[0], "secondary_model_hash": hashes[1],
+              "tertiary_model_hash": hashes[2] if method == "Add difference" else None, "interp_method": method,
+              "multiplier": multiplier, "save_as_half": True, "custom_name": "", "config_source": 0,
+              "bake_in_vae": "None", "discard_weights": "", "is_inpainting": False, "is_instruct_pix2pix": False}
+    models = {sha: {"name": p.name, "legacy_hash": "", "sd_merge_recipe": None} for sha, p in zip(hashes, paths)}
+    out = tmp_path / f"a1111_{method.replace(' ', '_')}.safetensors"
+    save_checkpoint(out, a1111_merge(paths, method, multiplier),
+                    metadata={"format": "pt", "sd_merge_recipe": json.dumps(recipe),
+                              "sd_merge_models": json.dumps(models)})
+    return out
+
+
+def _differing(first, second) -> list[str]:
+    with open_checkpoint(first) as one, open_checkpoint(second) as two:
+        assert sorted(one) == sorted(two)
+        return [key for key in one if not torch.equal(one[key], two[key])]
+
+
+@pytest.mark.parametrize("method", ["Weighted sum", "Add difference"])
+def test_a1111_merges_replay_bit_for_bit_with_a1111s_arithmetic(tmp_path, models, method, capsys):
+    theirs = a1111_file(tmp_path, models[:3], method)
+    again = tmp_path / "again.safetensors"
+    assert main(["recipe", str(theirs), "--models", str(models[0].parent), "-o", str(again)]) == 0
+    assert "arithmetic: A1111's" in capsys.readouterr().out
+    assert _differing(theirs, again) == []
+    if method == "Weighted sum":  # our own lerp rounds once, A1111 three times: the arithmetic matters
+        lerp = merge_to_file(Recipe(model_a=str(models[0]), model_b=str(models[1]), alpha=0.3),
+                             tmp_path / "lerp.safetensors")
+        assert len(_differing(theirs, lerp.path)) > 100
+
+
+def test_info_says_a_replay_of_a1111_computes_as_a1111(tmp_path, models, capsys):
+    assert main(["info", str(a1111_file(tmp_path, models[:2])), "--json"]) == 0
+    mapped = json.loads(capsys.readouterr().out)["stored_recipes"]["a1111"]
+    assert mapped["recipe"]["calcmode"] == "A1111" and mapped["arithmetic"].startswith("A1111's")
+    assert any("bake_in_vae" in item for item in mapped["not_recorded"])
+
+
+def _as_the_original_wrote_it(path, tmp_path):
+    """``path`` (our merge) with only the original SuperMerger's keys: its recipe, without ours."""
+    from mergers.writer import save_checkpoint
+
+    with open_checkpoint(path) as ckpt:
+        state = {k: ckpt[k] for k in ckpt}
+        metadata = {k: v for k, v in ckpt.metadata.items() if k != "supermerger_recipe"}
+    out = tmp_path / "original.safetensors"
+    save_checkpoint(out, state, metadata=metadata)
+    return out
+
+
+def test_original_recipe_replay_says_what_it_could_not_know(tmp_path, models, capsys):
+    adjusted = merge_to_file(Recipe(model_a=str(models[0]), model_b=str(models[1]), alpha=0.4, dtype="fp32",
+                                    adjust="2,0,0,0,0,0,1,0"), tmp_path / "adjusted.safetensors")
+    original = _as_the_original_wrote_it(adjusted.path, tmp_path)
+    again = tmp_path / "again.safetensors"
+    assert main(["recipe", str(original), "--models", str(models[0].parent), "-o", str(again)]) == 0
+    printed = capsys.readouterr().out
+    note = next(line for line in printed.splitlines() if line.startswith("note:"))
+    assert all(word in note for word in ("may have been used", "Adjust", "bake-in VAE", "gamma", "prune"))
+    with open_checkpoint(again) as ckpt:  # the precision the original does not record: read from the file
+        assert ckpt.dtype("model.diffusion_model.out.2.weight") == torch.float32
+    assert "model.diffusion_model.out.2.bias" in _differing(original, again)  # Adjust was in fact used
+    assert main(["info", str(original), "--json"]) == 0
+    mapped = json.loads(capsys.readouterr().out)["stored_recipes"]["sd-webui-supermerger"]
+    assert any(item.startswith("Adjust") for item in mapped["not_recorded"]) and mapped["recipe"]["dtype"] == "fp32"
+
+
+# Our own recipe is the reference: every kind of merge replays bit for bit --------------------
+
+OWN_RECIPES = {
+    "weight_sum": dict(alpha=0.3),
+    "add_difference": dict(mode="add_difference", alpha=0.7),
+    "triple_sum": dict(mode="triple_sum", alpha=0.3, beta=0.2),
+    "sum_twice": dict(mode="sum_twice", alpha=0.3, beta=0.2),
+    "cosineA": dict(calcmode="cosineA", alpha=0.4),
+    "trainDifference": dict(mode="add_difference", calcmode="trainDifference"),
+    "extract": dict(mode="add_difference", calcmode="extract", gamma=0.4),
+    "plus_random": dict(calcmode="plus random", alpha=0.1),
+    "ties": dict(mode="ties", alpha=0.8, beta=0.5),
+    "dare": dict(mode="dare", alpha=0.8, beta=0.5),
+    "a1111": dict(calcmode="A1111", alpha=0.3),
+    "sd_mecha": dict(mode="slerp", calcmode="sd-mecha", alpha=0.3),
+    "block_weights_elemental": dict(weights_alpha="GRAD_V", elemental="OUT03-OUT05:attn2:0.1"),
+    "dice": dict(dice={"mode": "R", "seed": 5}),
+    "include_adjust_fp32": dict(include_exclude="exclude", include_exclude_blocks="IN01 VAE",
+                                adjust="2,0,0,0,0,0,1,0", dtype="fp32"),
+}
+
+
+@pytest.mark.parametrize("name", OWN_RECIPES)
+def test_our_own_recipe_replays_bit_for_bit(tmp_path, models, name):
+    a, b, c, d = map(str, models)
+    recipe = Recipe.from_dict({"model_a": a, "model_b": b, "model_c": c, **OWN_RECIPES[name]})
+    if name == "weight_sum":  # and a chained one
+        recipe = Recipe(model_a=recipe, model_b=c, model_c=d, mode="add_difference", alpha=0.5)
+    first = merge_to_file(recipe, tmp_path / "first.safetensors").path
+    again = tmp_path / "again.safetensors"
+    assert main(["recipe", str(first), "--models", str(models[0].parent), "-o", str(again)]) == 0
+    assert _differing(first, again) == []
+
+
+def test_a1111_weighted_sum_of_mixed_dtypes_is_within_its_stated_bound(tmp_path, models):
+    """A fp32, B fp16: A1111 rounds α·B to fp16 before adding, our replay widens B first; the files then
+    differ by at most half an fp16 unit of α·B (plus fp32 rounding), as a1111_weight_sum's docstring says."""
+    from mergers.writer import save_checkpoint
+
+    with open_checkpoint(models[0]) as ckpt:
+        save_checkpoint(tmp_path / "a32.safetensors", {k: ckpt[k].float() if ckpt[k].is_floating_point() else ckpt[k]
+                                                       for k in ckpt})
+    paths = [tmp_path / "a32.safetensors", models[1]]
+    theirs = a1111_file(tmp_path, paths)
+    recipe = json.loads(open_checkpoint(theirs).metadata["sd_merge_recipe"])
+    recipe["save_as_half"] = False  # keep fp32, where the two roundings can differ
+    recipe_file = tmp_path / "mixed.safetensors"
+    with open_checkpoint(theirs) as ckpt:
+        state = {k: ckpt[k] for k in ckpt}
+        metadata = {**ckpt.metadata, "sd_merge_recipe": json.dumps(recipe)}
+    with open_checkpoint(paths[0]) as a, open_checkpoint(paths[1]) as b:  # A1111 without save_as_half
+        for key in state:
+            if "model" in key and key in b and a[key].is_floating_point():
+                state[key] = (0.7 * a[key]) + (0.3 * b[key])
+    save_checkpoint(recipe_file, state, metadata=metadata)
+    again = tmp_path / "again.safetensors"
+    assert main(["recipe", str(recipe_file), "--models", str(tmp_path), "-o", str(again)]) == 0
+    with open_checkpoint(recipe_file) as one, open_checkpoint(again) as two, open_checkpoint(paths[1]) as b:
+        for key in one:
+            if one[key].is_floating_point() and key in b:
+                bound = (0.3 * b[key].float()).abs() * 2.0 ** -11 + one[key].abs() * 2.0 ** -22 + 2.0 ** -25
+                excess = (one[key] - two[key]).abs() - bound
+                assert excess.max() <= 0, (key, excess.argmax(), one[key].flatten()[excess.argmax()],
+                                           two[key].flatten()[excess.argmax()], b[key].flatten()[excess.argmax()])

@@ -86,8 +86,11 @@ def test_apply_twice_is_the_model_plus_the_last_loras(actions):
     live = actions.host.live_model()
     actions.apply_to_loaded({tab.ENTRIES: "style:1"})
     once = weights_checksum(live.tensors())
-    actions.apply_to_loaded({tab.ENTRIES: "style:1"})
-    assert weights_checksum(live.tensors()) == once  # from the file's weights each time, never stacked
+    actions.apply_to_loaded({tab.ENTRIES: "other:1"})
+    outputs = actions.apply_to_loaded({tab.ENTRIES: "style:1"})
+    assert weights_checksum(live.tensors()) == once  # the tab's LoRAs replace its last ones, never pile up
+    assert "(in place of other:1)" in plain(outputs[MESSAGE]) and "it now holds a, then LoRA style:1" in plain(
+        outputs[MESSAGE])
 
 
 def test_a_lora_of_another_model_is_a_message_and_changes_nothing(actions):

@@ -216,12 +216,13 @@ def test_the_state_route_follows_merge_restore_and_a_checkpoint_change(session, 
     client = client_for(session)
     assert client.get(PREFIX + "/state").json() == {
         "merged": False, "name": None, "history_id": None, "recipe": None, "warnings": [], "changed_keys": 0,
-        "checkpoint": "a.safetensors"}
+        "checkpoint": "a.safetensors", "stack": []}
     merged = client.post(PREFIX + "/merge", json={"recipe": {"model_a": "a.safetensors", "model_b": "b.safetensors",
                                                              "alpha": 0.3}}).json()
     state = client.get(PREFIX + "/state").json()
     assert state["merged"] and state["name"] == merged["name"] and state["history_id"] == merged["history_id"]
     assert state["recipe"] == merged["recipe"] and state["changed_keys"] > 0 and state["warnings"] == []
+    assert state["stack"] == [{"kind": "merge", "name": merged["name"], "history_id": merged["history_id"]}]
     client.post(PREFIX + "/restore")
     assert client.get(PREFIX + "/state").json()["merged"] is False
     session.merge(Recipe(model_a="a.safetensors", model_b="b.safetensors", alpha=0.7))

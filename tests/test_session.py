@@ -1,5 +1,6 @@
 """The merge session: swap, history, save, restore, one merge at a time, safe output names."""
 
+import contextlib
 import threading
 
 import pytest
@@ -153,6 +154,47 @@ def test_apply_stream_that_fails_leaves_the_model_as_it_was(folder):
     with pytest.raises(MergeError, match="broken"):
         session.apply_stream("bad", failing)
     assert all(torch.equal(live.tensors()[k], before[k]) for k in keys)
+
+
+def _adding(keys, amount: float, kind: str = "lora"):
+    """A layer adding ``amount`` to ``keys`` (a stand-in for the LoRA tab's)."""
+    from mergers.stack import Layer
+
+    return Layer(kind, f"+{amount}", frozenset(keys), lambda: contextlib.nullcontext(lambda key, value: value + amount),
+                 {"SuperMerger LoRA": f"+{amount}"})
+
+
+def test_a_layer_goes_on_top_of_the_merge_and_restore_takes_the_stack_back(folder, tmp_path):
+    live = FakeLive.load(folder / "a.safetensors")
+    session = MergeSession(LiveFolderHost(folder, live))
+    outcome = session.merge(Recipe(model_a="a.safetensors", model_b="b.safetensors", alpha=0.3))
+    merge_to_file(outcome.recipe, tmp_path / "ab.safetensors", resolve=session.host.resolve)
+    keys = [k for k in live.tensors() if k.endswith("proj_in.weight")]
+    layered = session.apply_layer(_adding(keys, 1.0))
+    assert layered.stack == f"{outcome.name}, then LoRA +1.0" and layered.changed == len(keys)
+    with open_checkpoint(tmp_path / "ab.safetensors") as merged:
+        assert all(torch.equal(live.tensors()[k], merged[k] + 1.0 if k in keys else merged[k]) for k in merged)
+    assert session.infotext()["SuperMerger LoRA"] == "+1.0" and session.infotext()["SuperMerger"] == layered.stack
+    session.save("ab_saved")
+    assert any("LoRA +1.0, swapped in on top of it, is not in it" in w for w in session.save_warnings)
+    session.restore()
+    assert session.state()["stack"] == [] and session.infotext() == {}
+    with open_checkpoint(folder / "a.safetensors") as original:
+        assert all(torch.equal(live.tensors()[k], original[k]) for k in original)
+
+
+def test_a_layer_that_fails_puts_the_checkpoint_back_and_says_so(folder):
+    from mergers.errors import NonFiniteError
+
+    live = FakeLive.load(folder / "a.safetensors")
+    session = MergeSession(LiveFolderHost(folder, live))
+    session.merge(Recipe(model_a="a.safetensors", model_b="b.safetensors", alpha=0.3))
+    keys = [k for k in live.tensors() if k.endswith("proj_in.weight")]
+    with pytest.raises(NonFiniteError, match="LoRA \\+inf: .*back to its checkpoint's own weights"):
+        session.apply_layer(_adding(keys, float("inf")))
+    assert session.state()["merged"] is False and session.current is None
+    with open_checkpoint(folder / "a.safetensors") as original:
+        assert all(torch.equal(live.tensors()[k], original[k]) for k in original)
 
 
 def test_a_virtual_checkpoint_loads_into_the_model_and_restores(folder, tmp_path):

@@ -7,12 +7,17 @@ Windows machines, where a recipe, preset or history line with "α" or a Japanese
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRODUCT = [*sorted((ROOT / "mergers").rglob("*.py")), *sorted((ROOT / "scripts").glob("*.py")), ROOT / "install.py"]
 TEXT_CALLS = {"read_text", "write_text", "open", "fdopen", "NamedTemporaryFile", "TemporaryFile"}
 NOT_FILES = {"Image", "os", "webbrowser"}  # Image.open, os.open (bytes), webbrowser.open
+
+
+# ``x.open()`` is a file only when ``x`` looks like one (a path, a file): other objects have open() methods too.
+FILE_LIKE = re.compile(r"path|Path\(|file", re.IGNORECASE)
 
 
 def _mode(call: ast.Call) -> str | None:
@@ -44,6 +49,9 @@ def text_calls_without_encoding(path: Path, root: Path = ROOT) -> list[str]:
         if name in ("read_text", "write_text"):
             found.append(f"{path.relative_to(root)}:{node.lineno} {name}")
             continue
+        if name == "open" and isinstance(node.func, ast.Attribute) and owner not in ("io",) \
+                and not FILE_LIKE.search(ast.unparse(node.func.value)):
+            continue
         mode = _mode(node)
         if isinstance(mode, str) and "b" not in mode:
             found.append(f"{path.relative_to(root)}:{node.lineno} {name}({mode!r})")
@@ -58,6 +66,7 @@ def test_every_text_file_names_its_encoding():
 def test_the_check_finds_what_it_looks_for(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text("from pathlib import Path\nPath('a').read_text()\nopen('b')\nopen('c', 'rb')\n"
-                      "open('d', 'w', encoding='utf-8')\nPath('e').open('a')\nImage.open('f')\n", encoding="utf-8")
+                      "open('d', 'w', encoding='utf-8')\nPath('e').open('a')\nImage.open('f')\nlayer.open()\n",
+                      encoding="utf-8")
     hits = text_calls_without_encoding(sample, root=tmp_path)
     assert [hit.split(":")[1] for hit in hits] == ["2 read_text", "3 open('r')", "6 open('a')"]

@@ -189,7 +189,8 @@ def test_merge_and_gen_previews_the_merged_model(actions, host):
 
 def test_mode_change_offers_only_its_calcmodes(actions):
     outputs = actions.change_mode({"mode": "Add difference", "calcmode": "cosineA"})
-    assert outputs["calcmode"]["choices"] == ["normal", "trainDifference", "smoothAdd", "smoothAdd MT", "extract"]
+    assert outputs["calcmode"]["choices"] == ["normal", "trainDifference", "smoothAdd", "smoothAdd MT", "extract",
+                                              "A1111", "sd-mecha"]  # the last two: other tools' arithmetic
     assert outputs["calcmode"]["value"] == "normal"
     assert outputs["beta"]["interactive"] is False and outputs["model_c"]["interactive"] is True
     outputs = actions.change_mode({"mode": "Weight sum", "calcmode": "tensor"})

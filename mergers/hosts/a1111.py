@@ -15,7 +15,11 @@ What A1111 needs from an in-place merge, and where it is done here:
   put back and forgotten before a change (:func:`undo_lora`), so A1111 applies its
   LoRAs again on the new weights at the next generation;
 - the prompt-conditioning caches are keyed on the checkpoint, not on the weights, and
-  are reset after a change (:func:`reset_conditioning_caches`).
+  are reset after a change (:func:`reset_conditioning_caches`);
+- with FP8 weight storage and "Cache FP16 weight for LoRA", A1111 keeps ``fp16_weight``/``fp16_bias``
+  beside each fp8 layer, filled at load from the full-precision weights, and applies LoRAs to those:
+  each written key's copy is filled from the merged or restored value as it came, before fp8 rounded it
+  (:meth:`A1111LiveModel.wrote`), as A1111's load fills it.
 
 Example:
     >>> from modules import shared, sd_models, processing, call_queue, paths, devices
@@ -43,7 +47,7 @@ from mergers.errors import CheckpointError, MergeError
 from mergers.host import Generated, GenerationParams, ModelEntry
 from mergers.models import list_virtual_checkpoints
 from mergers.session import MergeSession
-from mergers.swap import live_tensors
+from mergers.swap import live_tensors, strip_wrapped
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,8 @@ OUT_OF_DATE = ("the web UI has loaded a checkpoint since this merge, so the merg
                "model and there is nothing of it to change or restore")
 
 # The first stage (VAE): left alone while the user's own VAE file is loaded over the checkpoint's.
+# A1111's fp16 copies of fp8-stored layers (sd_models.load_model_weights), by the parameter they copy.
+FP16_COPIES = (("weight", "fp16_weight"), ("bias", "fp16_bias"))
 VAE_PREFIX = "first_stage_model."
 # A1111 shows 10 hex digits of the sha256; recipes store all 64.
 HASH_PATTERN = re.compile(r"[0-9a-fA-F]{10}|[0-9a-fA-F]{64}")
@@ -253,6 +259,7 @@ class A1111LiveModel:
         self.source: Optional[Path] = _source_of(model)
         self.out_of_date = False  # set when A1111 loads weights again: a Swapper must not restore into them
         self.vae_file = external_vae(model)  # the VAE file A1111 loaded over the checkpoint's, if any
+        self._fp16_copies: Optional[dict[str, tuple[torch.nn.Module, str]]] = None  # found once per change
 
     def wraps(self, model: Any) -> bool:
         """Whether this is still a view of ``model`` holding the same checkpoint."""
@@ -271,6 +278,7 @@ class A1111LiveModel:
     def before_change(self) -> None:
         """Put back the weights the Lora extension saved and forget its state, for every layer."""
         self._check_current()
+        self._fp16_copies = fp16_copy_slots(self.model)
         undone = sum(undo_lora(module) for module in self.model.modules())
         if undone:
             log.info("restored %d layers from the Lora extension's backups; it re-applies its LoRAs next time", undone)
@@ -278,8 +286,18 @@ class A1111LiveModel:
     def after_change(self, merged: bool) -> None:
         """Drop what A1111 computed from the old weights: conditioning caches, fp16 copies, empty prompt."""
         reset_conditioning_caches(self._modules.processing)
-        refresh_fp16_copies(self.model)
+        self._fp16_copies = None
         self._recompute_empty_prompt()
+
+    def wrote(self, key: str, value: torch.Tensor) -> None:
+        """``key`` now holds ``value`` (merged or read back, not yet rounded to fp8): renew A1111's fp16 copy
+        of it, if it keeps one, as its load makes it (``weight.data.clone().cpu().half()`` of the weights
+        before the fp8 cast), so LoRAs go onto the same fp16 weights a fresh load of these values gives."""
+        slots = self._fp16_copies if self._fp16_copies is not None else fp16_copy_slots(self.model)
+        slot = slots.get(key)
+        if slot is not None:
+            module, name = slot
+            setattr(module, name, value.detach().to(device="cpu", dtype=torch.float16, copy=True))
 
     def _check_current(self) -> None:
         """A1111 reuses the model object for another checkpoint (or swaps in another object): refuse then."""
@@ -399,13 +417,20 @@ def reset_conditioning_caches(processing: Any) -> None:
         txt2img.cached_hr_uc = [None, None]
 
 
-def refresh_fp16_copies(model: torch.nn.Module) -> None:
-    """With fp8 weights A1111 keeps fp16 copies (``fp16_weight``) that LoRAs are applied to; renew them."""
-    for module in model.modules():
-        if getattr(module, "fp16_weight", None) is not None:
-            module.fp16_weight = module.weight.data.clone().cpu().half()
-        if getattr(module, "fp16_bias", None) is not None and getattr(module, "bias", None) is not None:
-            module.fp16_bias = module.bias.data.clone().cpu().half()
+def fp16_copy_slots(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str]]:
+    """Checkpoint key → (layer, ``fp16_weight``/``fp16_bias``) for each fp16 copy A1111 keeps (FP8 storage
+    with "Cache FP16 weight for LoRA"); empty otherwise.
+
+    Example:
+        >>> fp16_copy_slots(shared.sd_model)["model.diffusion_model.out.2.weight"][1]
+        'fp16_weight'
+    """
+    slots = {}
+    for name, module in model.named_modules():
+        for param, copy in FP16_COPIES:
+            if getattr(module, copy, None) is not None:
+                slots[strip_wrapped(f"{name}.{param}" if name else param)] = (module, copy)
+    return slots
 
 
 def generation_defaults(ui_config_file: Optional[str]) -> GenerationParams:

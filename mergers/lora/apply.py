@@ -3,7 +3,7 @@
 The checkpoint is read one tensor at a time; each key a LoRA touches gets its changes added in float32
 on the compute device (CUDA when there is one) and is cast back to its own dtype; the other keys pass
 through. The result goes to a new file (with a ``supermerger_lora`` recipe in its metadata) or, from the
-tab, into the loaded model through ``MergeSession.apply_stream``.
+tab, into the loaded model as a layer on top of the merge there (``lora_layer``, ``MergeSession.apply_layer``).
 
 Example:
     >>> entries = [parse_entry("style.safetensors:0.8:OUTALL")]
@@ -32,6 +32,7 @@ from mergers.lora.blocks import LoraEntry
 from mergers.lora.formats import LoraFile, LoraModule, open_lora
 from mergers.lora.keys import QKV, Target, module_table
 from mergers.lora.match import fit_delta, match_modules
+from mergers.stack import Change, Layer
 from mergers.writer import BackgroundWrites, SafetensorsWriter, TensorSpec, cast_for_output, output_dtype
 
 RECIPE_KEY = "supermerger_lora"
@@ -133,6 +134,30 @@ def stream_with_loras(base: Mapping[str, torch.Tensor], plan: Mapping[str, Seque
         yield key, add_contributions(tensor, plan[key], compute) if key in plan else tensor
         if on_progress is not None:
             on_progress(done, len(order), key)
+
+
+def lora_layer(entries: Sequence[LoraEntry], shapes: Mapping[str, Sequence[int]], *,
+               resolve: Resolver = resolve_lora_path, metadata: Optional[Mapping[str, str]] = None,
+               source: str = "the loaded model", device: Optional[str] = None) -> Layer:
+    """The LoRAs of ``entries`` as a layer for the loaded model (``MergeSession.apply_layer``): each key they
+    touch gets W + Σ ratio · scale · ΔW on whatever is below, as ``loras_to_checkpoint`` bakes it into a file.
+    Checked now (every LoRA fits ``shapes``, else ArchitectureError); the files are read again when applied.
+
+    Example:
+        >>> session.apply_layer(lora_layer(parse_entries("style:0.8"), ckpt.shapes, resolve=resolve)).stack
+    """
+    with open_loras(entries, resolve) as loras:
+        plan, _ = plan_contributions(loras, shapes, metadata=metadata, source=source)
+    label = ", ".join(entry.as_text() for entry in entries)
+
+    @contextlib.contextmanager
+    def opened() -> Iterator[Change]:
+        compute = resolve_device(device)
+        with open_loras(entries, resolve) as loras:
+            contributions, _ = plan_contributions(loras, shapes, metadata=metadata, source=source)
+            yield lambda key, weight: add_contributions(weight, contributions[key], compute)
+
+    return Layer("lora", label, frozenset(plan), opened, {"SuperMerger LoRA": label})
 
 
 def loras_to_checkpoint(checkpoint: str | Path, entries: Sequence[LoraEntry], output: str | Path, *,

@@ -1,6 +1,6 @@
 """Merge methods: importing this package registers every built-in method."""
 
-from mergers.methods import basic, calc, task  # noqa: F401  (registers the methods)
+from mergers.methods import basic, calc, foreign, task  # noqa: F401  (registers the methods)
 from mergers.methods.modes import CALCMODES, MODES, calcmodes_for, method_for, mode_name
 from mergers.methods.registry import METHODS, MergeMethod, get_method, merge_method
 

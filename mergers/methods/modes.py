@@ -26,9 +26,10 @@ MODES = {
     "geometric_median": "Geometric median",
 }
 
-# The original's calculation modes, in its UI order, then our corrected variant.
+# The original's calculation modes, in its UI order, then our corrected variant, then the arithmetic of
+# other tools (mergers/methods/foreign.py), which a replay of their recipes uses.
 CALCMODES = ("normal", "cosineA", "cosineB", "trainDifference", "smoothAdd", "smoothAdd MT", "extract",
-             "tensor", "tensor2", "self", "plus random", "cosineA consistent")
+             "tensor", "tensor2", "self", "plus random", "cosineA consistent", "A1111", "sd-mecha")
 
 # (mode, calcmode) → registered method name. Pairs follow the original's
 # calcmode_en.md ("Available modes"); a pair missing here is refused.
@@ -52,6 +53,14 @@ METHOD_TABLE = {
     # Beyond the original: each new mode runs its one method with calculation mode "normal".
     **{(mode, "normal"): mode for mode in ("slerp", "add_perpendicular", "ties", "dare", "dare_ties",
                                             "model_breadcrumbs", "model_stock", "geometric_median")},
+    # Computed as A1111's Checkpoint Merger computes (its add difference is ours, op for op).
+    ("weight_sum", "A1111"): "a1111_weight_sum",
+    ("add_difference", "A1111"): "add_difference",
+    # Computed as sd-mecha 1.x computes its built-in methods.
+    **{(mode, "sd-mecha"): f"mecha_{method}" for mode, method in (
+        ("weight_sum", "weighted_sum"), ("add_difference", "add_difference"), ("slerp", "slerp"),
+        ("add_perpendicular", "add_perpendicular"), ("ties", "ties"), ("model_stock", "model_stock"),
+        ("geometric_median", "geometric_median"))},
 }
 
 

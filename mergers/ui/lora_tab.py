@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -20,13 +19,14 @@ from typing import Any, Optional
 import gradio as gr
 
 from mergers.checkpoint import open_checkpoint
-from mergers.engine import CancelToken, ProgressCallback
+from mergers.engine import ProgressCallback
 from mergers.errors import CheckpointError, MergeError
-from mergers.lora.apply import loras_to_checkpoint, open_loras, plan_contributions, stream_with_loras
+from mergers.lora.apply import lora_layer, loras_to_checkpoint
 from mergers.lora.blocks import lbw_presets, parse_entries
 from mergers.lora.extract import DEFAULT_RANK, extract_lora
 from mergers.lora.merge import merge_loras
 from mergers.session import MergeSession
+from mergers.stack import Layer
 from mergers.ui.handlers import MESSAGE, as_message, shows_errors
 from mergers.ui.sections import Widgets
 from mergers.ui.tab import bind
@@ -100,32 +100,32 @@ class LoraActions:
 
     @shows_errors
     def apply_to_loaded(self, values: Mapping[str, Any], *, on_progress: Optional[ProgressCallback] = None) -> dict:
-        """Add the LoRAs into the loaded model's weights (restored by Restore, or on failure)."""
+        """Add the LoRAs on top of what the loaded model holds (the merge swapped in, else the checkpoint);
+        LoRAs applied here before are replaced. Restore takes it all back to the checkpoint file."""
         entries = parse_entries(str(values.get(ENTRIES) or ""))
         live = self.host.live_model()
         if live is None:
             raise MergeError("no model is loaded: use Save as checkpoint")
-        stream = functools.partial(self._live_stream, live, entries, self.folder(values), on_progress)
-        label = ", ".join(entry.as_text() for entry in entries)
-        changed = self.session.apply_stream(f"+ {label}", stream, info={"SuperMerger LoRA": label})
-        return {MESSAGE: as_message(f"{changed} keys of the loaded model changed by {label}; Restore undoes it")}
+        outcome = self.session.apply_layer(self._layer(live, entries, self.folder(values)), on_progress=on_progress)
+        replaced = f" (in place of {', '.join(old.label for old in outcome.replaced)})" if outcome.replaced else ""
+        return {MESSAGE: as_message(f"{outcome.changed} keys of the loaded model changed by {outcome.layer.label}"
+                                    f"{replaced}; it now holds {outcome.stack}; Restore takes it all back to the "
+                                    "checkpoint file")}
 
-    def _live_stream(self, live, entries, folder: Path, on_progress, cancel: CancelToken):
-        with open_loras(entries, resolver(folder)) as loras:
-            if live.source is not None:  # the clean weights: the model is its file plus these LoRAs
-                with open_checkpoint(live.source) as base:
-                    plan, _ = plan_contributions(loras, base.shapes, metadata=base.metadata, source=base.name)
-                    yield from stream_with_loras(base, plan, on_progress=on_progress, cancel=cancel)
-            else:
-                tensors = live.tensors()
-                shapes = {key: tuple(t.shape) for key, t in tensors.items()}
-                plan, _ = plan_contributions(loras, shapes, source="the loaded model")
-                yield from stream_with_loras(tensors, plan, on_progress=on_progress, cancel=cancel)
+    def _layer(self, live, entries, folder: Path) -> Layer:
+        """The LoRAs as a layer, checked against the loaded checkpoint's keys (its file's, else the live ones)."""
+        if live.source is not None:
+            with open_checkpoint(live.source) as base:
+                shapes, metadata, name = base.shapes, base.metadata, base.name
+        else:
+            shapes = {key: tuple(t.shape) for key, t in live.tensors().items()}
+            metadata, name = None, "the loaded model"
+        return lora_layer(entries, shapes, resolve=resolver(folder), metadata=metadata, source=name)
 
     @shows_errors
     def restore(self, values: Mapping[str, Any]) -> dict:
-        """Put the loaded model's own weights back."""
-        return {MESSAGE: f"{self.session.restore()} keys restored"}
+        """Put the loaded model's own weights back (the merge and the LoRAs on it)."""
+        return {MESSAGE: f"{self.session.restore()} keys restored: the loaded model is its checkpoint file again"}
 
     @shows_errors
     def save_checkpoint(self, values: Mapping[str, Any], *, on_progress: Optional[ProgressCallback] = None) -> dict:

@@ -4,7 +4,9 @@ A1111 applies LoRAs by editing weights in place the first time a layer runs
 (its patched ``forward`` calls ``network_apply_weights``). Before the first edit it
 copies the layer's weight and bias to the CPU (``network_weights_backup``,
 ``network_bias_backup``) and records what it applied (``network_current_names``).
-When the wanted LoRAs change it copies the backup back and applies them again.
+When the wanted LoRAs change it copies the backup back and applies them again. Under FP8
+weight storage with "Cache FP16 weight for LoRA", a layer's ``fp16_weight``/``fp16_bias`` (made
+at load) are what the LoRA is added to, not the fp8 weight (v1.10.1's ``network_apply_weights``).
 """
 
 import torch
@@ -98,8 +100,12 @@ def network_apply_weights(self):
             module = net.modules.get(network_layer_name, None)
             if module is not None:
                 with torch.no_grad():
-                    updown, _ = module.calc_updown(self.weight)
-                    self.weight.copy_((self.weight.to(dtype=updown.dtype) + updown).to(dtype=self.weight.dtype))
+                    if getattr(self, "fp16_weight", None) is None:
+                        weight = self.weight
+                    else:
+                        weight = self.fp16_weight.clone().to(self.weight.device)
+                    updown, _ = module.calc_updown(weight)
+                    self.weight.copy_((weight.to(dtype=updown.dtype) + updown).to(dtype=self.weight.dtype))
         self.network_current_names = wanted_names
 
 

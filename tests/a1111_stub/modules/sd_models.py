@@ -2,7 +2,8 @@
 
 ``CheckpointInfo``, ``list_models``, ``get_closet_checkpoint_match``, ``select_checkpoint``,
 ``model_data``, ``load_model`` and ``reload_model_weights`` keep A1111 v1.10.1's names,
-parameters and attributes. The model itself is a real torch model with SD1.5's key
+parameters and attributes; ``load_model_weights`` applies FP8 weight storage (``opts.fp8_storage``) with
+its fp16 copies for LoRAs (``opts.cache_fp16_weight``) as v1.10.1 does. The model itself is a real torch model with SD1.5's key
 names at small shapes (built by tests/live_model.py), not an LDM ``LatentDiffusion``.
 """
 
@@ -233,12 +234,48 @@ def load_model_weights(model, checkpoint_info, state_dict, timer=None):
     sd_model_hash = checkpoint_info.calculate_shorthash()
     shared.opts.data["sd_model_checkpoint"] = checkpoint_info.title
     model.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith("model_ema.")}, strict=False)
+    # (A1111 casts the model to fp16 here unless --no-half; the stand-in's files are fp16 already.)
+    for module in model.modules():
+        if hasattr(module, "fp16_weight"):
+            del module.fp16_weight
+        if hasattr(module, "fp16_bias"):
+            del module.fp16_bias
+    if check_fp8(model):
+        devices.fp8 = True
+        first_stage = model.first_stage_model
+        model.first_stage_model = None
+        for name, module in model.named_modules():
+            if _is_linear_or_conv(name, module):
+                if shared.opts.cache_fp16_weight:
+                    module.fp16_weight = module.weight.data.clone().cpu().half()
+                    if getattr(module, "bias", None) is not None:
+                        module.fp16_bias = module.bias.data.clone().cpu().half()
+                module.to(torch.float8_e4m3fn)
+        model.first_stage_model = first_stage
+    else:
+        devices.fp8 = False
     model.is_sd1, model.is_sd2, model.is_sdxl = True, False, False
     model.lowvram = False
     model.sd_model_hash = sd_model_hash
     model.sd_model_checkpoint = checkpoint_info.filename
     model.sd_checkpoint_info = checkpoint_info
     shared.opts.data["sd_checkpoint_hash"] = checkpoint_info.sha256
+
+
+def check_fp8(model):
+    """Settings → Optimizations → FP8 weight: "Enable", or "Enable for SDXL" on an SDXL model."""
+    if model is None:
+        return None
+    if shared.opts.fp8_storage == "Enable":
+        return True
+    return getattr(model, "is_sdxl", False) and shared.opts.fp8_storage == "Enable for SDXL"
+
+
+def _is_linear_or_conv(name, module):
+    """Stand-in for ``isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))``: the model here is built of plain
+    modules, so a layer whose own weight is 2-D (Linear) or 4-D (Conv2d) and is no Embedding."""
+    weight = module._parameters.get("weight")
+    return weight is not None and weight.dim() in (2, 4) and "embedding" not in name
 
 
 def get_empty_cond(sd_model):

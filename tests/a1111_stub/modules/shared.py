@@ -45,6 +45,8 @@ opts = options.Options({
     "add_model_name_to_info": True,
     "add_version_to_infotext": True,
     "CLIP_stop_at_last_layers": 1,
+    "fp8_storage": "Disable",  # Settings → Optimizations: "Disable", "Enable for SDXL", "Enable"
+    "cache_fp16_weight": False,  # "Cache FP16 weight for LoRA" (with FP8 storage)
 })
 
 state = shared_state.State()
