@@ -11,7 +11,7 @@ Cases: merge to file (weight sum); merge + in-place swap into a model held on th
 cosineA and TIES to file (SD1.5). Peak extra VRAM is ``torch.cuda.max_memory_allocated`` minus what the
 held model takes, set against the largest key (the target: at most 2 of those).
 
-Example (about 5 minutes on one H100 with 16 cores):
+Example (sized to stay well under 10 minutes on one GPU with 16 cores; not yet run on a GPU):
     python bench/gpu.py                       # cuda, then the CPU for the ratio
     python bench/gpu.py --devices cpu --archs sd1 --repeats 1     # a dry run without a GPU
 """
