@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
@@ -112,7 +113,7 @@ def merged(recipe: Recipe, device: str) -> dict[str, torch.Tensor]:
 def merge_checks(models: Models, *, quick: bool) -> list[Check]:
     """Every (mode, calculation mode) pair, then block weights, elemental, the dice and plus random."""
     checks = []
-    for (mode, calcmode), _ in METHOD_TABLE.items():
+    for mode, calcmode in METHOD_TABLE:
         if quick and calcmode not in QUICK_CALCMODES:
             continue
         recipe = models.recipe(mode, calcmode)
@@ -153,9 +154,13 @@ def lora_checks(models: Models, folder: Path) -> list[Check]:
         extract_lora(models.paths["b"], models.paths["a"], lora, rank=4, device=device, overwrite=True)
         return lora
 
+    @functools.cache
+    def fixed() -> Path:  # the CPU's LoRA, made once, for the checks that test what comes after extraction
+        return extracted("cpu", "fixed")
+
     def to_checkpoint(device: str) -> Mapping[str, torch.Tensor]:
         out = folder / f"baked_{device.replace(':', '')}.safetensors"
-        loras_to_checkpoint(models.paths["a"], [parse_entry(f"{extracted('cpu', 'fixed')}:0.8")], out,
+        loras_to_checkpoint(models.paths["a"], [parse_entry(f"{fixed()}:0.8")], out,
                             device=device, overwrite=True)
         return weights(out)
 
@@ -166,7 +171,7 @@ def lora_checks(models: Models, folder: Path) -> list[Check]:
         return weights(out)
 
     def merge_then_bake(device: str) -> Mapping[str, torch.Tensor]:
-        lora = extracted("cpu", "fixed")
+        lora = fixed()
         merged_lora = folder / f"merged_lora_{device.replace(':', '')}.safetensors"
         merge_loras([parse_entry(f"{lora}:0.5"), parse_entry(f"{lora}:0.25")], merged_lora, rank=8, device=device,
                     overwrite=True)
@@ -230,7 +235,7 @@ def compare(reference: Mapping[str, torch.Tensor], result: Mapping[str, torch.Te
         actual = result[key]
         if actual.dtype != expected.dtype or actual.shape != expected.shape:
             return f"{key}: {actual.dtype} {list(actual.shape)} vs {expected.dtype} {list(expected.shape)}", False
-        if _same_bits(actual, expected):
+        if same_bits(actual, expected):
             continue
         if not expected.is_floating_point():
             return f"{key}: integer values differ", False
@@ -251,7 +256,8 @@ LIMIT_TEXT = {"exact": "bit-equal", "ulp": "≤ 1 ulp", "reduction": f"≤ {REDU
 INTEGER_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (NaN payloads and -0 included), whatever the dtype."""
     if not a.is_floating_point():
         return torch.equal(a, b)
     bits = INTEGER_OF_SIZE[a.element_size()]

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mergers.selftest import same_bits, ulp_distance
+
 WINDOWS = os.name == "nt"
 
 
@@ -39,22 +41,6 @@ needs_extension_link = pytest.mark.skipif(WINDOWS, reason="the stand-in links th
 needs_gradio = pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="gradio is not installed")
 
 
-INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """How many representable values of their (shared) float dtype lie between ``a`` and ``b``."""
-    assert a.dtype == b.dtype and a.is_floating_point()
-    width = a.element_size()
-
-    def ordered(x):
-        raw = x.contiguous().view(INT_OF_SIZE[width]).to(torch.int64)
-        magnitude = raw & ((1 << (8 * width - 1)) - 1)
-        return torch.where(raw < 0, -magnitude, magnitude)
-
-    return (ordered(a) - ordered(b)).abs()
-
-
 def assert_lerp_equal(actual: torch.Tensor, expected: torch.Tensor, message: str = "") -> None:
     """Bit-equal, except on Windows, where torch's lerp uses FMA on its vector path and not on its scalar
     path (tails, small tensors, a stretch's end): there results rounded to the model's dtype may differ
@@ -63,8 +49,7 @@ def assert_lerp_equal(actual: torch.Tensor, expected: torch.Tensor, message: str
     if not actual.is_floating_point():
         assert torch.equal(actual, expected), message
         return
-    bits = INT_OF_SIZE[actual.element_size()]
     if not WINDOWS:
-        assert torch.equal(actual.contiguous().view(bits), expected.contiguous().view(bits)), message
+        assert same_bits(actual, expected), message
         return
     assert actual.numel() == 0 or int(ulp_distance(actual, expected).max()) <= 1, message
