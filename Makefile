@@ -1,6 +1,6 @@
 SHELL := /bin/bash
 # Two commands do all the set-up on a fresh machine:
-#   make demo   - create .venv, install, merge the built-in demo models
+#   make demo   - create .venv, install (the project too, editable), merge the built-in demo models
 #   make test   - create .venv, install, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -34,7 +34,7 @@ WIN_TESTS ?= tests/test_fileio.py tests/test_checkpoint_io.py tests/test_merge.p
 	tests/test_arch_flux_sd3.py::test_fp8_add_difference_a_stretch_at_a_time \
 	tests/test_arch_flux_sd3.py::test_three_model_elementwise_methods_give_the_same_bytes_a_stretch_at_a_time
 
-.PHONY: demo test test-windows bench clean
+.PHONY: demo test test-windows test-wheel bench clean
 
 demo: $(STAMP)
 	$(PY) -m mergers demo
@@ -42,13 +42,15 @@ demo: $(STAMP)
 test: $(STAMP) $(G3_STAMP)
 	SUPERMERGER_GRADIO3_PYTHON=$(G3_PY) $(PY) -m pytest -q
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml setup.py
 	@# A torch the base Python already has is reused, never reinstalled.
 	@test -x $(PY) || { if $(PYTHON) -c "import torch" 2>/dev/null; \
 		then $(PYTHON) -m venv --system-site-packages $(VENV); else $(PYTHON) -m venv $(VENV); fi; }
 	@$(PY) -c "import torch" 2>/dev/null || { if command -v nvidia-smi >/dev/null 2>&1; \
 		then $(PY) -m pip install -q "torch>=2.1,<3"; else $(PY) -m pip install -q "$(CPU_TORCH)"; fi; }
 	$(PY) -m pip install -q -r requirements-dev.txt
+	@# The project itself, editable: `supermerger` on the venv's PATH, `python -m mergers` from any folder.
+	$(PY) -m pip install -q --no-deps -e .
 	@touch $(STAMP)
 
 $(G3_STAMP): Makefile
@@ -78,5 +80,10 @@ $(WIN_STAMP): Makefile
 	bash .ci/wine $(WIN) -c "import torch, numpy; print('windows python', torch.__version__, numpy.__version__)"
 	@touch $(WIN_STAMP)
 
+# The wheel as a pip user gets it: built, installed into a fresh venv, `supermerger --help` and
+# `supermerger demo` run in an empty folder (see .ci/wheel).
+test-wheel: $(STAMP)
+	bash .ci/wheel $(PY) "$(CPU_TORCH)"
+
 clean:
-	rm -rf $(VENV) $(G3_VENV) $(WIN) demo
+	rm -rf $(VENV) $(G3_VENV) $(WIN) demo build *.egg-info

@@ -26,6 +26,7 @@ import base64
 import contextlib
 import dataclasses
 import io
+import logging
 import math
 import re
 import secrets
@@ -35,11 +36,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from PIL import Image
 from pydantic import BaseModel, Field
 
+from mergers.arch import block_ids, registry
 from mergers.chain import leaf_names
 from mergers.errors import (
     ArchitectureError,
@@ -52,6 +54,7 @@ from mergers.errors import (
 )
 from mergers.hashing import cached_sha256, sha256_of_file
 from mergers.host import GenerationParams
+from mergers.licenses import terms_of_models
 from mergers.recipe import Recipe
 from mergers.search import (
     SCORE_LOG,
@@ -66,6 +69,8 @@ from mergers.search import (
 )
 from mergers.session import MergeBusy, MergeOutcome, MergeSession, file_stem
 from mergers.weights import load_presets
+
+log = logging.getLogger(__name__)
 
 PREFIX = "/supermerger/v1"
 TAG = "SuperMerger"
@@ -102,6 +107,10 @@ SEARCH_FIELD_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"\bdice\b", ("recipe", "dice")),
 )
 MAX_IMAGE_BASE64 = 32 * 2 ** 20  # a reference image is one picture, not an upload channel
+
+# GET /license's models, repeated (?models=a&models=b) or comma-separated, A first.
+LICENSE_MODELS = Query(..., description="the models, A first, as GET /models lists them; repeated "
+                                        "(?models=a&models=b) or comma-separated")
 
 # Phrases in library messages that name a recipe field other than by its own name.
 FIELD_PHRASES = {"model A": "model_a", "model B": "model_b", "model C": "model_c", "merge mode": "mode",
@@ -190,6 +199,14 @@ class PresetItem(BaseModel):
     weights: str
 
 
+class ArchitectureItem(BaseModel):
+    name: str
+    label: str
+    layout: str
+    blocks: list[str]
+    lora: bool = Field(..., description="whether the LoRA tools know this architecture's module names")
+
+
 class HistoryItem(BaseModel):
     id: int
     time: str
@@ -225,6 +242,8 @@ class MergeResponse(BaseModel):
     models: dict[str, InputModel]
     seconds: Timings
     warnings: list[str] = Field(default_factory=list)  # e.g. NaN keys that allow_non_finite let a save write
+    # The merge's combined terms (mergers.licenses: MergeTerms.to_dict()), as GET /license gives them.
+    license: dict[str, Any] | None = None
 
 
 class StateResponse(BaseModel):
@@ -493,6 +512,12 @@ def _add_lists(router: APIRouter, session: MergeSession) -> None:
     def presets():
         return [{"name": name, "weights": weights} for name, weights in load_presets().items()]
 
+    @router.get("/architectures", response_model=list[ArchitectureItem],
+                summary="Recognised architectures and their blocks (shipped and the user's layout files)")
+    def architectures():
+        return [{"name": spec.name, "label": spec.label, "layout": spec.layout, "lora": spec.lora,
+                 "blocks": list(block_ids(spec.layout))} for spec in registry().architectures.values()]
+
     @router.get("/history", response_model=list[HistoryItem], summary="Past merges, newest first")
     def history(search: str = "", match: str = "and", limit: int = 20):
         if match not in ("and", "or"):
@@ -500,6 +525,18 @@ def _add_lists(router: APIRouter, session: MergeSession) -> None:
         limit = max(1, min(limit, HISTORY_LIMIT))
         entries = session.history.search(search, match_all=match == "and", limit=limit)
         return [entry.to_dict() for entry in entries]
+
+    @router.get("/license", response_model=dict[str, Any],
+                summary="What a merge of these models may be used for: each input's terms and the combined terms "
+                        "(an aid, not legal advice)", responses=MERGE_REFUSALS)
+    def license_terms(models: list[str] = LICENSE_MODELS):
+        names = [name.strip() for given in models for name in given.split(",") if name.strip()]
+        for index, name in enumerate(names):
+            resolve_listed(session, name, ["query", "models", str(index)])
+        try:
+            return terms_of_models(names, session.host.resolve).to_dict()
+        except MergeError as error:
+            raise http_error(error) from None
 
     @router.post("/analyze", response_model=dict[str, Any], summary="Compare two models (mergers.analysis)")
     def analyze(request: AnalyzeRequest):
@@ -704,7 +741,17 @@ def _merge_response(session: MergeSession, outcome: MergeOutcome, saved: dict | 
         "models": _input_hashes(session, outcome.recipe),
         "seconds": {"merge": outcome.seconds, "save": saved.get("save"), "hash": saved.get("hash"), "total": total},
         "warnings": list(outcome.warnings),
+        "license": _license_of(session, outcome.recipe),
     }
+
+
+def _license_of(session: MergeSession, recipe: Recipe) -> dict | None:
+    """The merge's combined terms; None (and a log line) if the inputs cannot be read again."""
+    try:
+        return terms_of_models(list(recipe.models), session.host.resolve).to_dict()
+    except MergeError as error:
+        log.warning("the merge's license could not be read: %s", error)
+        return None
 
 
 def _input_hashes(session: MergeSession, recipe: Recipe) -> dict:

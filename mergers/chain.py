@@ -36,8 +36,9 @@ from mergers.recipe import MAX_CHAIN_DEPTH, MODEL_SLOTS, Recipe
 Resolver = Callable[[str], Path]
 Slot = Union[str, Recipe]
 
-# A virtual checkpoint's metadata keeps its model A's, minus the merge records that describe A, not it.
-MERGE_RECORD_KEYS = ("supermerger_recipe", "sd_merge_recipe", "sd_merge_models", "mecha_recipe")
+# A virtual checkpoint's metadata keeps its model A's, minus the merge records and license that describe A, not it.
+MERGE_RECORD_KEYS = ("supermerger_recipe", "sd_merge_recipe", "sd_merge_models", "mecha_recipe",
+                     "supermerger_license", "modelspec.license")
 
 
 def is_virtual_checkpoint(path: Path) -> bool:

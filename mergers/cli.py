@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mergers.arch import detect_architecture
+from mergers.arch import detect_architecture, layout_named
 from mergers.checkpoint import open_checkpoint
 from mergers.demo import ensure_demo_models
 from mergers.dice import Dice
@@ -23,7 +23,9 @@ from mergers.errors import MergeError
 from mergers.fileio import ensure_utf8_console
 from mergers.estimate import estimate
 from mergers.interop import describe_stored_recipes, file_dtype_of, rerunnable
+from mergers.licenses import combine_terms, license_lines, made_from_lines, read_input_terms, terms_of_sources
 from mergers.merge import merge_to_file, open_sources, resolve_path
+from mergers.plan import missing_message
 from mergers.metadata import A1111_RECIPE_KEY, stored_recipe
 from mergers.methods import CALCMODES, MODES
 from mergers.models import find_model
@@ -46,8 +48,13 @@ COMMAND_MODULES: tuple[str, ...] = ("mergers.run_cli", "mergers.xyz.cli", "merge
                                     "mergers.selftest")
 
 
+def program_name() -> str:
+    """How the user ran us: the ``supermerger`` command (pip's console script) or ``python -m mergers``."""
+    return "supermerger" if Path(sys.argv[0]).stem == "supermerger" else "python -m mergers"
+
+
 def build_parser(command_modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mergers", description="Merge Stable Diffusion checkpoints.")
+    parser = argparse.ArgumentParser(prog=program_name(), description="Merge Stable Diffusion checkpoints.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens, key by key")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_merge(commands)
@@ -71,7 +78,7 @@ def _add_merge(commands) -> None:
                      help=f"merge mode: {', '.join(repr(v) for v in MODES.values())} or snake_case (default weight_sum)")
     cmd.add_argument("--calcmode", default="normal",
                      help=f"calculation mode: {', '.join(CALCMODES)} (default normal); "
-                          "each goes with some modes, see the README")
+                          "each goes with some modes, see docs/modes.md")
     cmd.add_argument("--gamma", type=float, default=0.3, help="gamma for calcmode extract (default 0.3)")
     cmd.add_argument("--seed", type=int, default=-1, help="seed for calcmode 'plus random' (default -1: random, recorded)")
     cmd.add_argument("--alpha", type=float, default=0.5, help="alpha for every merged key (default 0.5)")
@@ -179,7 +186,13 @@ def _add_ui(commands) -> None:
 def run_ui(args) -> int:
     from mergers.hosts.standalone import FolderHost
     from mergers.session import MergeSession
-    from mergers.ui.app import launch
+
+    try:
+        from mergers.ui.app import launch
+    except ModuleNotFoundError as error:  # a pip install without the `ui` extra has no gradio
+        if error.name not in ("gradio", "fastapi", "uvicorn"):
+            raise
+        raise MergeError(f"`ui` needs {error.name}: pip install \"supermerger[ui]\" (or gradio)") from None
 
     folder = Path(args.models) if args.models else ensure_demo_models()[0].parent
     if not folder.is_dir():
@@ -206,6 +219,7 @@ def _merge_and_report(recipe: Recipe, args, resolve=None) -> int:
     options = {"resolve": resolve} if resolve else {}
     with open_sources(recipe, resolve or resolve_path) as sources:  # headers only: errors come before any work
         print(estimate(recipe, sources, device=args.device).text())
+        print("\n".join(license_lines(terms_of_sources(sources))))
     with tqdm(total=0, unit="key", desc="merging", disable=None) as bar:
         def progress(done: int, total: int, key: str) -> None:
             bar.total = total
@@ -221,6 +235,8 @@ def _merge_and_report(recipe: Recipe, args, resolve=None) -> int:
     for name, weights in (("alpha", plan.weights_alpha), ("beta", plan.weights_beta)):
         if weights is not None:
             print(f"{name} by block: {weights.as_readable()}")
+    if plan.missing:  # named, so a merge of mismatched files is never silent about what it left as A
+        print(missing_message(plan))
     print(f"wrote {result.path} ({size}) in {result.seconds:.1f} s")
     for warning in result.warnings:
         print(f"warning: {warning}")
@@ -233,7 +249,14 @@ def _size_text(size: int) -> str:
 
 def run_info(args) -> int:
     with open_checkpoint(args.file) as ckpt:
-        print_facts(checkpoint_info(ckpt), as_json=args.json)
+        facts = checkpoint_info(ckpt)
+        terms = combine_terms([read_input_terms(ckpt, role="file")])
+        made_from = made_from_lines(ckpt.metadata)
+    if args.json:
+        print_facts({**facts, "license": terms.to_dict()}, as_json=True)
+    else:
+        print_facts(facts, as_json=False)
+        print("\n".join(license_lines(terms, combined="terms", made_from=made_from)))
     return 0
 
 
@@ -258,6 +281,7 @@ def checkpoint_info(ckpt) -> dict:
     return {
         "file": str(ckpt.path),
         "architecture": arch.label,
+        "blocks": f"{arch.layout}: {layout_named(arch.layout).shape_text}",  # what a weight string names
         "keys": len(ckpt),
         "dtypes": dtypes,
         "sha256": ckpt.sha256(),

@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mergers.arch.layouts import block_ids
+from mergers.arch.layouts import SD1_BLOCKS, block_ids
 from mergers.errors import WeightsError
 from mergers.weights import LAYOUT_LABELS, finite_float, sd1_to_sdxl
 
@@ -81,7 +81,7 @@ LIMIT_FIELDS = tuple(LIMIT_DEFAULTS)
 CHANCE_MARK = "R"  # a lower limit "aRp": low limit a with chance p
 RANDOM_PRESETS = {"ALL_R": "R", "ALL_U": "U", "ALL_X": "X"}
 ELEMENT_TOKENS = {"ER": "R", "EU": "U", "EX": "X"}
-SD1_LENGTH = len(block_ids("sd1"))
+SD1_LENGTH = len(SD1_BLOCKS)
 
 # r: the draw in [0, 1); low, up: the block's limits. Operand order as the
 # original's, so that every float64 result is bit-for-bit the same.

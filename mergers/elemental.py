@@ -32,12 +32,11 @@ from dataclasses import dataclass
 from mergers.arch.blocks import SDXL_FINE_BLOCKS
 from mergers.arch.layouts import LAYOUTS
 from mergers.errors import WeightsError
-from mergers.weights import finite_float, format_number
+from mergers.weights import LAYOUT_LABELS, finite_float, format_number
 
 NOT = "NOT"
 RANDOM_RATIOS = frozenset({"R", "U", "X"})
 BLOCK_ALIASES = {"MID": "M00"}
-LAYOUT_LABELS = {"sd1": "SD1/SD2", "sdxl": "SDXL"}
 
 
 @dataclass(frozen=True)

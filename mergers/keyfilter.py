@@ -20,14 +20,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from mergers.adjust import ADJUST_KEYS
-from mergers.arch.blocks import SDXL_FINE_BLOCKS, block_of, fine_block_of_sdxl
+from mergers.arch.blocks import SDXL_FINE_BLOCKS, block_of, fine_block_of_sdxl, merges_by_name
 from mergers.arch.keys import key_specs
-from mergers.arch.layouts import LAYOUTS, block_ids
+from mergers.arch.layouts import LAYOUTS, SD1_BLOCKS, block_ids
 from mergers.errors import WeightsError
 
 FILTER_EXTRAS = ("Adjust", "VAE")
 # The original's EXCLUDE_CHOICES: the 26 SD1 block ids, then Adjust and VAE.
-FILTER_CHOICES: tuple[str, ...] = block_ids("sd1") + FILTER_EXTRAS
+FILTER_CHOICES: tuple[str, ...] = SD1_BLOCKS + FILTER_EXTRAS
 FILTER_MODES = ("off", "include", "exclude")
 NOT = "NOT"
 PRINT_OPTION = "print"  # the original's logging switch among the checked blocks; not a block
@@ -156,12 +156,15 @@ def _blocks_kept_as_a(f: KeyFilter, layout: str, keys: Iterable[str] | None) -> 
     """Blocks with at least one merged key that the filter keeps as A."""
     if not f.active:
         return set()
-    if keys is None:
-        keys = (spec.key for spec in key_specs(LAYOUT_FAMILIES[layout]) if not spec.optional)
+    if keys is None:  # layouts without a real key list (Qwen-Image, automatic…) are told their keys
+        family = LAYOUT_FAMILIES.get(layout)
+        keys = (spec.key for spec in key_specs(family) if not spec.optional) if family else ()
     kept = set()
     for key in keys:
-        # The keys the original's merge loop reaches before it records exclusions.
-        if "model" not in key or ("weight" not in key and "bias" not in key):
+        # The keys the original's merge loop reaches before it records exclusions; newer layouts merge
+        # keys without "model" (bare diffusion keys), so their own name test decides.
+        original = layout in LAYOUT_FAMILIES
+        if (original and "model" not in key) or not merges_by_name(key, layout):
             continue
         block = block_of(key, layout)
         fine = fine_block_of_sdxl(key) if layout == "sdxl" else None

@@ -20,6 +20,7 @@ from typing import Optional
 from mergers.chain import RecipeCheckpoint, input_files, opened_sources, portable_recipe
 from mergers.engine import CancelToken, OutFor, ProgressCallback, run_plan
 from mergers.errors import CheckpointError
+from mergers.licenses import terms_of_sources
 from mergers.metadata import RECIPE_KEY, merge_metadata
 from mergers.plan import MergePlan, Sources, plan_merge
 from mergers.recipe import Recipe
@@ -80,7 +81,8 @@ def merge_to_file(recipe: Recipe, output: str | os.PathLike, *, resolve: Resolve
     with open_sources(recipe, resolve, device=device) as sources:
         plan = plan_merge(recipe, sources)
         placeholders = _hash_placeholders(sources)
-        metadata = _metadata(plan, sources, digest=lambda c: placeholders.get(id(c)) or c.sha256())
+        terms = terms_of_sources(sources).metadata()  # read once: the hash rewrite must keep its size
+        metadata = {**_metadata(plan, sources, digest=lambda c: placeholders.get(id(c)) or c.sha256()), **terms}
         protect = [c.path for c in (*input_files(sources).values(), sources.vae) if c is not None]
         with SafetensorsWriter(output, plan.specs, metadata=metadata, overwrite=overwrite, protect=protect,
                                reserve=HASH_SLACK if placeholders else 0) as out:
@@ -89,7 +91,7 @@ def merge_to_file(recipe: Recipe, output: str | os.PathLike, *, resolve: Resolve
                                             warnings=warnings, allow_non_finite=allow_non_finite):
                     writes.write(key, tensor)
             if placeholders:  # the reads are done, so are the hashes
-                metadata = _metadata(plan, sources)
+                metadata = {**_metadata(plan, sources), **terms}
                 out.rewrite_metadata(metadata)
     return MergeResult(Path(output), plan, metadata, time.perf_counter() - started, tuple(warnings))
 
@@ -99,7 +101,8 @@ HASH_SLACK = 1024
 
 
 def _metadata(plan: MergePlan, sources: Sources, *, digest=None) -> dict[str, str]:
-    """The merged file's metadata; a chained merge records its whole recipe tree and every file it read."""
+    """The merged file's metadata; a chained merge records its whole recipe tree and every file it read.
+    (merge_to_file adds the combined license terms: ``modelspec.license``, ``supermerger_license``.)"""
     metadata = merge_metadata(plan, sources, digest=digest)
     if not any(isinstance(model, RecipeCheckpoint) for model in sources.models) and not sources.more:
         return metadata

@@ -25,9 +25,10 @@ from mergers.arch import (
     block_ids,
     block_of,
     detect_architecture,
-    fine_block_of_sdxl,
+    fine_block_of,
+    key_fingerprint,
+    layout_named,
     merges_by_name,
-    require_supported,
 )
 from mergers.checkpoint import Checkpoint
 from mergers.dice import roll
@@ -42,14 +43,6 @@ from mergers.writer import TensorSpec, cast_for_output, output_dtype
 CLIP_IDS_KEY = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 # The original never copies these from B (CHCKPOINT_DICT_SKIP_ON_MERGE).
 SKIP_FROM_B = frozenset({CLIP_IDS_KEY})
-# prune keeps only these components (the original's prune_model).
-PRUNE_KEEP = {"sd1": ("diffusion_model.", "first_stage_model.", "cond_stage_model."),
-              "sdxl": ("diffusion_model.", "first_stage_model.", "conditioner."),
-              # Flux files come whole, diffusion-only, or with bare keys (double_blocks.0…).
-              "flux": ("diffusion_model.", "text_encoders.", "vae.", "double_blocks.", "single_blocks.", "img_in.",
-                       "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer."),
-              "sd3": ("diffusion_model.", "first_stage_model.", "text_encoders.")}
-PRUNE_FAMILY = {"sd1": "sd1", "sdxl": "sdxl", "flux": "flux", "sd3": "sd3", "sd3_large": "sd3"}
 VAE_PREFIX = "first_stage_model."
 
 
@@ -99,6 +92,7 @@ class MergePlan:
     prepass_keys: tuple[str, ...] = ()  # keys a statistics pass reads first (cosineA/B)
     key_filter: KeyFilter = KeyFilter()
     input_count: int = 2  # the models each merged key reads: the method's count, or all for N-model methods
+    missing: tuple[tuple[str, str], ...] = ()  # (key, model lacking it): keys of A kept as they are for that reason
 
     @property
     def specs(self) -> list[TensorSpec]:
@@ -121,6 +115,7 @@ def plan_merge(recipe: Recipe, sources: Sources) -> MergePlan:
     _check_model_count(method, sources)
     method.check_bounds(gamma=recipe.gamma)
     arch = _common_architecture(sources)
+    recipe = _checked_fingerprint(recipe, arch, sources)
     recipe, draw = _roll_dice(recipe, arch, sources.a)
     weights_alpha = _block_weights(recipe.weights_alpha, arch)
     weights_beta = _block_weights(recipe.weights_beta, arch) if method.uses_beta else None
@@ -129,7 +124,37 @@ def plan_merge(recipe: Recipe, sources: Sources) -> MergePlan:
     steps = [step for key in sources.a if (step := _step_for_a_key(key, context))]
     steps += [_copy_from_b(key, context) for key in sources.b if _only_in_b(key, context)]
     return MergePlan(recipe, method, arch, tuple(steps), weights_alpha, weights_beta, _prepass_keys(context),
-                     context.key_filter, len(context.merged_models))
+                     context.key_filter, len(context.merged_models), _missing_keys(steps, context))
+
+
+def _missing_keys(steps: list[KeyStep], ctx: _Context) -> tuple[tuple[str, str], ...]:
+    """(key, the model lacking it) for each key of A that would merge but another input does not have."""
+    missing = []
+    for step in steps:
+        key = step.spec.key
+        if step.action != "copy_a" or step.block is not None or block_of(key, ctx.arch.layout) is None:
+            continue
+        lacking = next((model.name for model in ctx.merged_models[1:] if key not in model), None)
+        if lacking is not None and merges_by_name(key, ctx.arch.layout):
+            missing.append((key, lacking))
+    return tuple(missing)
+
+
+MISSING_SHOWN = 5  # keys named when inputs lack keys of model A; the rest are counted
+
+
+def missing_message(plan: MergePlan) -> str:
+    """The keys of A kept because another input lacks them, by name ("" when there are none).
+
+    Example:
+        >>> missing_message(plan)
+        'kept from model A, missing in another model: net.pos (b.safetensors)'
+    """
+    if not plan.missing:
+        return ""
+    shown = ", ".join(f"{key} ({model})" for key, model in plan.missing[:MISSING_SHOWN])
+    more = f" and {len(plan.missing) - MISSING_SHOWN} more" if len(plan.missing) > MISSING_SHOWN else ""
+    return f"kept from model A, missing in another model: {shown}{more}"
 
 
 def _roll_dice(recipe: Recipe, arch: Architecture, model_a: Checkpoint) -> tuple[Recipe, Callable]:
@@ -201,7 +226,7 @@ def _step_for_a_key(key: str, ctx: _Context) -> Optional[KeyStep]:
     block = block_of(key, ctx.arch.layout)
     if not _merges(key, block, ctx):
         return KeyStep(spec, "copy_a")
-    fine = fine_block_of_sdxl(key) if ctx.arch.layout == "sdxl" else None
+    fine = fine_block_of(key, ctx.arch.layout)
     if stays_as_a(ctx.key_filter, key, block, fine_block=fine):
         return KeyStep(spec, "copy_a", block)
     channels = _merge_channels(key, ctx)
@@ -218,6 +243,8 @@ def _step_for_a_key(key: str, ctx: _Context) -> Optional[KeyStep]:
 def _merges(key: str, block: Optional[str], ctx: _Context) -> bool:
     if block is None or not merges_by_name(key, ctx.arch.layout):
         return False
+    if not ctx.sources.a.dtype(key).is_floating_point:  # step counters and ids are copied, never blended
+        return False
     if ctx.method.skips(key):
         return False
     return all(key in model for model in ctx.merged_models[1:])
@@ -228,7 +255,22 @@ def _prepass_keys(ctx: _Context) -> tuple[str, ...]:
     prepass, a, b = ctx.method.prepass, ctx.sources.a, ctx.sources.b
     if prepass is None:
         return ()
-    return tuple(key for key in a if key in b and prepass.wants(key) and a.shape(key) == b.shape(key))
+    return tuple(key for key in a if key in b and _prepass_wants(key, ctx) and a.shape(key) == b.shape(key))
+
+
+def _prepass_wants(key: str, ctx: _Context) -> bool:
+    """The method's own test; bare diffusion keys of layouts the original never had count as model keys.
+
+    The original's statistics take keys holding "model"; Qwen-Image or an automatic layout ships
+    ``transformer_blocks.0…`` with no "model" in any name, which would leave cosineA without statistics.
+    """
+    prepass = ctx.method.prepass
+    if prepass.wants(key):
+        return True
+    original = layout_named(ctx.arch.layout).name_needs_weight  # SD1/SDXL/Flux/SD3 keep the original's test
+    if original or not ctx.sources.a.dtype(key).is_floating_point:
+        return False
+    return block_of(key, ctx.arch.layout) is not None and prepass.wants(f"model.{key}")
 
 
 def _only_in_b(key: str, ctx: _Context) -> bool:
@@ -252,8 +294,8 @@ def _out_dtype(dtype: torch.dtype, ctx: _Context) -> torch.dtype:
 
 def _kept_by_prune(key: str, arch: Architecture) -> bool:
     # The refiner shares SD1's block layout but keeps its text encoder under "conditioner."
-    keep = PRUNE_KEEP["sdxl" if arch.family == "sdxl_refiner" else PRUNE_FAMILY[arch.layout]]
-    return any(part in key for part in keep)
+    keep = layout_named("sdxl" if arch.family == "sdxl_refiner" else arch.layout).prune_keep
+    return not keep or any(part in key for part in keep)  # layouts without a list keep every key
 
 
 def _baked_vae_key(key: str, ctx: _Context) -> bool:
@@ -310,15 +352,41 @@ def _check_model_count(method: MergeMethod, sources: Sources) -> None:
 def _common_architecture(sources: Sources) -> Architecture:
     models = list(sources.models)
     archs = [detect_architecture(m.shapes, m.metadata, source=m.name) for m in models]
-    for model, arch in zip(models, archs):
-        require_supported(arch, source=model.name)
     for model, arch in zip(models[1:], archs[1:]):
+        if not arch.known and not archs[0].known:
+            continue  # unknown models merge key by key: missing keys and other shapes are handled per key
         if arch.layout != archs[0].layout or arch.family != archs[0].family:
             raise ArchitectureError(
                 f"model A ({models[0].name}) is {archs[0].label} but {model.name} is {arch.label}; "
                 "merge models of the same architecture"
             )
     return archs[0]
+
+
+def models_fingerprint(sources: Sources) -> str:
+    """Every input's key fingerprint (names and shapes), comma-separated in model order.
+
+    Example:
+        >>> models_fingerprint(Sources(open_checkpoint("a.safetensors"), open_checkpoint("b.safetensors")))
+        '3f9c0a1b2c3d4e5f,3f9c0a1b2c3d4e5f'
+    """
+    return ",".join(key_fingerprint(model.shapes) for model in sources.models)
+
+
+def _checked_fingerprint(recipe: Recipe, arch: Architecture, sources: Sources) -> Recipe:
+    """Check a recorded fingerprint against the inputs; record one for a model no layout file describes.
+
+    An unknown model's blocks come from its keys, so a replay must read files with the same keys.
+    """
+    found = models_fingerprint(sources)
+    if recipe.key_fingerprint is not None and recipe.key_fingerprint != found:
+        differing = [model.name for model, old, new in zip(sources.models, recipe.key_fingerprint.split(","),
+                                                            found.split(",")) if old != new] or ["the model count"]
+        raise ArchitectureError(
+            f"the recipe was made from files with other keys: {', '.join(differing)} differ from the recorded "
+            f"key fingerprint ({recipe.key_fingerprint} now {found}); merge the files the recipe names"
+        )
+    return recipe if arch.known or recipe.key_fingerprint else recipe.with_changes(key_fingerprint=found)
 
 
 def _block_weights(text: Optional[str], arch: Architecture) -> Optional[BlockWeights]:

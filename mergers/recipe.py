@@ -75,6 +75,9 @@ class Recipe:
     bake_vae: str | None = None
     # Models D, E, … (names or recipes) for methods that take any number of models.
     more_models: tuple = ()
+    # The inputs' key fingerprints (mergers.arch.key_fingerprint, comma-separated), recorded for models no
+    # layout file describes: their blocks come from their keys, so a replay refuses files with other keys.
+    key_fingerprint: str | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__  # normalising inside a frozen dataclass
@@ -91,7 +94,7 @@ class Recipe:
         set_(self, "seed", _integer("seed", self.seed))
         set_(self, "include_exclude", _include_exclude_mode(self.include_exclude))
         for name in ("weights_alpha", "weights_beta", "dtype", "bake_vae", "elemental",
-                     "include_exclude_blocks", "include_exclude_elements", "adjust"):
+                     "include_exclude_blocks", "include_exclude_elements", "adjust", "key_fingerprint"):
             set_(self, name, _blank_to_none(getattr(self, name)))
         _check(self)
 
@@ -126,6 +129,8 @@ class Recipe:
                       dice=asdict(self.dice), more_models=[_slot_to_data(m) for m in self.more_models])
         if not self.more_models:
             del values["more_models"]  # a plain recipe's JSON stays exactly as version 1 wrote it
+        if self.key_fingerprint is None:
+            del values["key_fingerprint"]
         version = RECIPE_VERSION if self.is_chained else PLAIN_RECIPE_VERSION
         return {"format": RECIPE_FORMAT, "version": version, **values}
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from mergers.chain import describe, load_recipe_file
 from mergers.errors import CheckpointError, MergeError
 from mergers.estimate import DEFAULT_DISK_BYTES_PER_S, estimate
+from mergers.licenses import license_lines, terms_of_sources
 from mergers.merge import merge_to_file, open_sources, resolve_path
 from mergers.models import find_model
 from mergers.writer import OUTPUT_DTYPES
@@ -52,6 +53,7 @@ def run_recipe_file(args) -> int:
     print(f"recipe: {describe(recipe)}")
     with open_sources(recipe, resolve, device=args.device) as sources:
         print(estimate(recipe, sources, device=args.device, disk_bytes_per_s=args.disk_speed * 1e6).text())
+        print("\n".join(license_lines(terms_of_sources(sources))))
     if args.estimate:
         return 0
     if not args.output:

@@ -35,7 +35,7 @@ from mergers.history import History, HistoryEntry, merge_name
 from mergers.host import Generated, GenerationParams, Host
 from mergers.merge import merge_to_file, open_sources
 from mergers.models import VIRTUAL_SUFFIX
-from mergers.plan import KeyStep, MergePlan, Sources, plan_merge
+from mergers.plan import KeyStep, MergePlan, Sources, missing_message, plan_merge
 from mergers.recipe import Recipe
 from mergers.stack import Layer, LayerOutcome, layer_infotext, replace_layer, stack_name, stacked
 from mergers.swap import Swapper
@@ -517,8 +517,9 @@ class MergeSession:
     def _outcome(self, plan: MergePlan, swapped: bool, seconds: float, rewritten: int | None,
                  warnings: Iterable[str]) -> MergeOutcome:
         name = merge_name(plan.recipe, _model_names(plan.recipe))
+        missing = (missing_message(plan),) if plan.missing else ()  # keys of A another input lacks, by name
         return MergeOutcome(name, plan.recipe, None, plan.count("merge"), swapped, seconds, plan.arch.label,
-                            rewritten=rewritten, warnings=tuple(warnings))
+                            rewritten=rewritten, warnings=(*warnings, *missing))
 
     def _record(self, outcome: MergeOutcome, history_extra: Mapping[str, Any] | None = None) -> MergeOutcome:
         """The outcome's history line (its warnings kept in ``extra``), and the outcome with its ID."""

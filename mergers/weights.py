@@ -10,7 +10,8 @@ A weight string says how much of model B goes into each block of the merge.
    OUT00…OUT08 are kept; IN09…IN11 and OUT09…OUT11 are dropped. Layout ``flux``
    needs 61 (CLIP, T5, IN, D00…D18, S00…S37, OUT, as the original's Forge
    support names them); ``sd3`` 28 and ``sd3_large`` 42 (CLIP, T5, IN, J00…,
-   OUT). Spaces and newlines around values are fine::
+   OUT). Every other layout (Qwen-Image, Wan, an automatic one…) needs one value
+   per block id it lists (docs/architectures.md). Spaces and newlines around values are fine::
 
        0,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1
 
@@ -18,7 +19,11 @@ A weight string says how much of model B goes into each block of the merge.
    values, then read as form 1. The shipped presets are the original's
    (``mergers/data/mbw_presets.tsv``); yours go in ``$SUPERMERGER_PRESETS`` or
    ``~/.config/supermerger/mbw_presets.tsv``, one ``NAME<TAB>values`` (or
-   ``NAME:values``) per line, and override shipped ones of the same name::
+   ``NAME:values``) per line, and override shipped ones of the same name. A
+   26-value preset scales to any other layout (not SDXL, which converts as the
+   original does): its first value goes to the text-encoder blocks (BASE, TE,
+   CLIP, T5, VAE), the other 25 are read as a curve over the remaining blocks
+   in order, so GRAD_V is a V over Flux's 61 blocks as over SD1's 26::
 
        GRAD_V
 
@@ -31,7 +36,7 @@ A weight string says how much of model B goes into each block of the merge.
      ``IN06-OUT03``;
    - a group: ``IN`` (every input block), ``OUT`` (every output block); for Flux
      ``D`` (every double block) and ``S`` (every single block), for SD3 ``J``
-     (every joint block);
+     (every joint block); in any layout, the letters of its numbered ids;
    - ``ALL`` or ``*``: every block, BASE included.
 
    ::
@@ -60,20 +65,30 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from mergers.arch.layouts import block_ids
-from mergers.errors import WeightsError
+from mergers.arch.registry import layout_named, registry
+from mergers.errors import ArchitectureError, WeightsError
 
-# Data: what the messages call each layout, and the id list they show.
-LAYOUT_LABELS = {"sd1": "SD1/SD2", "sdxl": "SDXL", "flux": "Flux", "sd3": "SD3", "sd3_large": "SD3.5 Large"}
-LAYOUT_SHAPES = {
-    "sd1": "BASE, IN00…IN11, M00, OUT00…OUT11",
-    "sdxl": "BASE, IN00…IN08, M00, OUT00…OUT08",
-    "flux": "CLIP, T5, IN, D00…D18, S00…S37, OUT",
-    "sd3": "CLIP, T5, IN, J00…J23, OUT",
-    "sd3_large": "CLIP, T5, IN, J00…J37, OUT",
-}
-# Readable-form group selectors: the ids starting with the word (Flux's "IN" and "OUT" are one block each).
-LAYOUT_GROUPS = {"sd1": ("IN", "OUT"), "sdxl": ("IN", "OUT"), "flux": ("IN", "OUT", "D", "S"),
-                 "sd3": ("IN", "OUT", "J"), "sd3_large": ("IN", "OUT", "J")}
+
+class _LayoutLabels(Mapping):
+    """``LAYOUT_LABELS[layout]``: what messages call a layout ("SD1/SD2", "Flux", "Qwen-Image", "automatic")."""
+
+    def __getitem__(self, layout: str) -> str:
+        try:
+            return layout_named(layout).label
+        except ArchitectureError as error:
+            raise KeyError(layout) from error
+
+    def __iter__(self):
+        return iter(registry().layouts)
+
+    def __len__(self) -> int:
+        return len(registry().layouts)
+
+
+LAYOUT_LABELS: Mapping[str, str] = _LayoutLabels()
+SD1_PRESET_LENGTH = 26  # the shipped presets: BASE, IN00…IN11, M00, OUT00…OUT11
+# Blocks that take a scaled preset's first (BASE) value: the parts outside the diffusion model.
+BASE_LIKE_BLOCKS = frozenset({"BASE", "TE", "CLIP", "T5", "VAE"})
 RANDOM_TOKENS = frozenset({"R", "U", "X"})
 # The original adds these random presets to its dropdown; they need the dice.
 RANDOM_PRESETS = frozenset({"ALL_R", "ALL_U", "ALL_X"})
@@ -81,7 +96,7 @@ ID_ALIASES = {"MID": "M00"}
 PRESET_HEADER = "preset_name"
 SHIPPED_PRESETS = "data/mbw_presets.tsv"
 USER_PRESETS_ENV = "SUPERMERGER_PRESETS"
-_ID_PATTERN = re.compile(r"(IN|OUT|M|D|S|J)(\d{1,2})")
+_ID_PATTERN = re.compile(r"([A-Z_]+?)(\d{1,3})")
 
 
 @dataclass(frozen=True)
@@ -276,7 +291,7 @@ def _count_error(layout: str, count: int) -> WeightsError:
     extra = " or 26 (converted)" if layout == "sdxl" else ""
     return WeightsError(
         f"weights for {LAYOUT_LABELS[layout]} need {needed} values "
-        f"({LAYOUT_SHAPES[layout]}){extra}; got {count}"
+        f"({layout_named(layout).shape_text}){extra}; got {count}"
     )
 
 
@@ -289,9 +304,40 @@ def _parse_preset(name: str, layout: str, presets: Mapping[str, str]) -> BlockWe
     if found is None:
         raise _unknown_preset_error(name, presets)
     try:
-        return _parse_number_list(presets[found].strip(), layout)
+        return _parse_number_list(_scaled_preset(presets[found].strip(), layout), layout)
     except WeightsError as error:
         raise WeightsError(f"preset {found!r}: {error}") from error
+
+
+def _scaled_preset(text: str, layout: str) -> str:
+    """A 26-value preset stretched over ``layout``'s blocks (not SD1/SDXL's, which take it as it is)."""
+    values = text.split(",")
+    if layout in ("sd1", "sdxl") or len(values) != SD1_PRESET_LENGTH:
+        return text
+    numbers = [parse_number(value, f"value {n}") for n, value in enumerate(values, 1)]
+    return ",".join(format_number(v) for v in scale_preset(numbers, block_ids(layout)))
+
+
+def scale_preset(values: Sequence[float], ids: Sequence[str]) -> list[float]:
+    """26 SD1 values over other block ids: BASE to the text encoders, the 25 U-Net values as a curve.
+
+    Each remaining block reads the curve at its relative position, linearly between neighbours.
+
+    Example:
+        >>> scale_preset([0] + [float(n) for n in range(25)], ["CLIP", "IN", "D00", "OUT"])
+        [0, 0.0, 12.0, 24.0]
+    """
+    curve, body = list(values[1:]), [block for block in ids if block not in BASE_LIKE_BLOCKS]
+    scaled = {block: _curve_at(curve, n / max(1, len(body) - 1)) for n, block in enumerate(body)}
+    return [values[0] if block in BASE_LIKE_BLOCKS else scaled[block] for block in ids]
+
+
+def _curve_at(curve: Sequence[float], where: float) -> float:
+    """The value of ``curve`` (evenly spaced over 0…1) at ``where``, linearly interpolated."""
+    position = where * (len(curve) - 1)
+    low = min(int(position), len(curve) - 2)
+    share = position - low
+    return round(curve[low] * (1 - share) + curve[low + 1] * share, 10)
 
 
 def _find_preset(name: str, presets: Mapping[str, str]) -> str | None:
@@ -358,8 +404,8 @@ def _select(selector: str, layout: str) -> range | list[int]:
     word = selector.upper()
     if word in ("ALL", "*"):
         return range(len(ids))
-    if word in LAYOUT_GROUPS[layout]:
-        return [i for i, block in enumerate(ids) if block.startswith(word)]
+    if word in layout_named(layout).groups:
+        return [i for i, block in enumerate(ids) if block == word or _letters(block) == word]
     if "-" in word:
         return _range_indices(selector, layout)
     return [_block_index(selector, layout)]
@@ -383,21 +429,30 @@ def _range_indices(selector: str, layout: str) -> range:
 def _block_index(block_id: str, layout: str) -> int:
     """Position of ``block_id`` in the layout (case-insensitive, ``MID``, ``IN3``)."""
     ids = _layout_ids(layout)
-    canonical = _canonical_id(block_id)
+    canonical = _canonical_id(block_id, ids)
     if canonical not in ids:
         raise WeightsError(
             f"{block_id.strip()!r} is not a block of the {LAYOUT_LABELS[layout]} layout; "
-            f"valid ids: {LAYOUT_SHAPES[layout]} (and MID, IN, OUT, ALL or *)"
+            f"valid ids: {layout_named(layout).shape_text} (and MID, IN, OUT, ALL or *)"
         )
     return ids.index(canonical)
 
 
-def _canonical_id(block_id: str) -> str:
-    """``' mid '`` → ``'M00'``, ``'in3'`` → ``'IN03'``; other text upper-cased."""
+def _canonical_id(block_id: str, ids: Sequence[str]) -> str:
+    """``' mid '`` → ``'M00'``, ``'in3'`` → ``'IN03'`` (the padding the layout's ids use); else upper-cased."""
     word = block_id.strip().upper()
     word = ID_ALIASES.get(word, word)
     match = _ID_PATTERN.fullmatch(word)
-    return f"{match[1]}{int(match[2]):02d}" if match else word
+    if word in ids or not match:
+        return word
+    padded = (f"{match[1]}{int(match[2]):0{width}d}" for width in (2, 3))
+    return next((candidate for candidate in padded if candidate in ids), word)
+
+
+def _letters(block: str) -> str:
+    """The letters of a numbered id ("D03" → "D"); the whole id when it has no number."""
+    match = re.fullmatch(r"([A-Z_]+?)\d+", block)
+    return match[1] if match else block
 
 
 def _uncovered_error(missing: Iterable[int], ids: Sequence[str]) -> WeightsError:
@@ -430,9 +485,10 @@ def _span_text(first: str, last: str) -> str:
 
 def _layout_ids(layout: str) -> tuple[str, ...]:
     """The layout's block ids; a WeightsError for an unknown layout."""
-    if layout not in LAYOUT_LABELS:
-        raise WeightsError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUT_LABELS)}")
-    return block_ids(layout)
+    try:
+        return block_ids(layout)
+    except ArchitectureError as error:
+        raise WeightsError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUT_LABELS)}") from error
 
 
 # --- preset files ----------------------------------------------------------

@@ -10,7 +10,12 @@ serves its own API (``--api`` or ``--nowebui``), into the HTTP API's routes
 import logging
 from pathlib import Path
 
+import torch
 from modules import call_queue, devices, paths, processing, script_callbacks, scripts, sd_models, shared
+
+if not hasattr(torch, "float8_e4m3fn"):  # what install.py warns of: fp8 dtypes arrived in torch 2.1
+    raise ImportError(f"SuperMerger needs torch 2.1 or newer; this web UI runs torch {torch.__version__} "
+                      "(A1111 v1.8+ installs 2.1; or set TORCH_COMMAND)")
 
 import mergers
 from mergers.hosts.a1111 import A1111Host, A1111Modules, session_for

@@ -462,6 +462,14 @@ def test_install_never_touches_torch_or_gradio_and_follows_requirements():
     assert set(install.REQUIREMENTS.values()) == ours
 
 
+def test_install_warns_of_a_torch_without_fp8_and_never_installs_one():
+    install = _install_module()
+    assert [install.torch_too_old(v) for v in ("2.0.1+cu118", "1.13.1", "2.1.2+cu121", "2.13.0", "3.0")] == [
+        True, True, False, False, False]
+    assert "torch 2.0.1+cu118" in install.torch_warning("2.0.1+cu118") and "2.1 or newer" in install.torch_warning("2.0")
+    assert install.torch_warning("2.1.2") == ""
+
+
 def test_install_script_runs_as_a1111_runs_it(webui):
     runpy.run_path(str(ROOT / "install.py"), run_name="__main__")
     assert webui.launch.pip_calls == []  # everything is installed here

@@ -60,7 +60,8 @@ checkpoints, webui = test_a1111.checkpoints, test_a1111.webui  # the A1111 stand
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the loopback, whatever http_proxy says
 ROUTES = {"/models": {"get"}, "/presets": {"get"}, "/history": {"get"}, "/merge": {"post"},
           "/merge-and-generate": {"post"}, "/analyze": {"post"}, "/restore": {"post"}, "/progress": {"get"},
-          "/cancel": {"post"}, "/search": {"post"}, "/search/stop": {"post"}, "/state": {"get"}}
+          "/cancel": {"post"}, "/search": {"post"}, "/search/stop": {"post"}, "/state": {"get"}, "/license": {"get"},
+          "/architectures": {"get"}}
 
 
 @pytest.fixture(autouse=True)
@@ -150,6 +151,13 @@ def test_presets_include_the_originals(client):
     presets = {p["name"]: p["weights"] for p in client.get(PREFIX + "/presets").json()}
     assert presets["GRAD_V"].split(",")[:3] == ["0", "1", "0.9166666667"]
     assert len(presets["FLAT_25"].split(",")) == 26
+
+
+def test_architectures_list_every_recognised_model_with_its_blocks(client):
+    found = {a["name"]: a for a in client.get(PREFIX + "/architectures").json()}
+    assert found["qwen_image"]["label"] == "Qwen-Image" and found["qwen_image"]["blocks"][:3] == ["TE", "IN", "T00"]
+    assert found["sdxl"]["lora"] and not found["wan"]["lora"]
+    assert len(found["flux"]["blocks"]) == 61
 
 
 def test_history_lists_merges_newest_first_and_searches(client):
@@ -628,6 +636,9 @@ with TestClient(make_server(MergeSession(FolderHost(folder, data_dir=Path(sys.ar
     recipe = {"model_a": "a.safetensors", "model_b": "b.safetensors", "weights_alpha": "GRAD_V"}
     body = client.post(PREFIX + "/merge", json={"recipe": recipe, "output": "g3"}).json()
     assert body["saved"] == "g3.safetensors" and (folder / "g3.safetensors").is_file(), body
+    assert body["license"]["license"] == "CreativeML OpenRAIL-M", body
+    terms = client.get(PREFIX + "/license", params={"models": ["a.safetensors", "g3.safetensors"]})
+    assert terms.status_code == 200 and [i["name"] for i in terms.json()["inputs"]] == ["a.safetensors", "g3.safetensors"]
     bad = client.post(PREFIX + "/merge", json={"recipe": {**recipe, "alpha": "x"}})
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "recipe", "alpha"], bad.text
     path = client.post(PREFIX + "/merge", json={"recipe": {**recipe, "model_b": "../../etc/passwd"}})
@@ -643,3 +654,29 @@ with TestClient(guarded) as client:
     assert client.get(PREFIX + "/models", auth=("user", "secret")).status_code == 200
 print("pydantic", pydantic.VERSION[0], "ok")
 '''
+
+
+# --- licenses ------------------------------------------------------------------------------------
+
+
+def test_license_route_gives_each_inputs_terms_and_the_combined_ones(folder_client):
+    client, host = folder_client
+    (host.models_dir / "b.civitai.info").write_text(json.dumps(
+        {"model": {"name": "Bee", "allowDerivatives": False, "allowCommercialUse": ["Image"]},
+         "creator": {"username": "bob"}}), encoding="utf-8")
+    body = client.get(PREFIX + "/license", params={"models": "a.safetensors,b.safetensors"}).json()
+    assert [i["name"] for i in body["inputs"]] == ["a.safetensors", "b.safetensors"]
+    assert body["license"] == "CreativeML OpenRAIL-M" and body["terms"]["allowDerivatives"] is False
+    assert body["inputs"][1]["sources"]["derivatives"] == "b.civitai.info"
+    assert "b.safetensors allows no derivatives: this merge should not be shared" in body["warnings"]
+    repeated = client.get(PREFIX + "/license", params={"models": ["a.safetensors", "b.safetensors"]}).json()
+    assert repeated == body
+    merged = post(client, "/merge", recipe=RECIPE, output="ab").json()
+    assert merged["license"]["terms"] == body["terms"] and merged["license"]["warnings"] == body["warnings"]
+
+
+def test_license_route_refuses_paths_and_unknown_models(client):
+    assert client.get(PREFIX + "/license", params={"models": "../../etc/passwd"}).status_code == 403
+    unknown = client.get(PREFIX + "/license", params={"models": ["a.safetensors", "nope.safetensors"]})
+    assert unknown.status_code == 404 and loc_of(unknown) == ["query", "models", "1"]
+    assert client.get(PREFIX + "/license").status_code == 422

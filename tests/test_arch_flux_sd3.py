@@ -142,7 +142,7 @@ def test_sd3_weights_groups():
 
 
 @pytest.mark.parametrize("text,layout,message", [
-    ("GRAD_V", "flux", r"preset 'GRAD_V': weights for Flux need 61 values \(CLIP, T5, IN, D00…D18"),
+    (",".join(["1"] * 26), "flux", r"weights for Flux need 61 values \(CLIP, T5, IN, D00…D18"),
     (",".join(["1"] * 26), "sd3", "SD3 need 28 values"),
     ("ALL:1, D:0", "sd3", "'D' is not a block of the SD3 layout"),
     ("ALL:1, J24:0", "sd3", "'J24' is not a block"),

@@ -37,7 +37,7 @@ GRADIO3_PYTHON = Path(os.environ.get("SUPERMERGER_GRADIO3_PYTHON")
 # mergers/ui/fields.py, or listed here with the reason it stays off the tab.
 # more_models: models past C come from recipe files and the API; the tab chains by hand
 # ("Use the current merge as model A").
-NOT_IN_TAB: frozenset[str] = frozenset({"more_models"})
+NOT_IN_TAB: frozenset[str] = frozenset({"more_models", "key_fingerprint"})  # the plan records the fingerprint
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,16 @@ from mergers.arch.layouts import LAYOUTS
 from mergers.session import MergeSession
 from mergers.ui.fields import default_values
 from mergers.ui.handlers import (
+    GENERIC_SLIDERS,
     SLIDER_GROUPS,
     SLIDER_NAMES,
     VISIBILITY_OUTPUTS,
     TabActions,
     group_name,
+    layout_sliders,
     slider_name,
     slider_visibility,
+    uses_named_sliders,
 )
 from mergers.ui.tab import tab_contents
 from mergers.writer import save_checkpoint
@@ -103,9 +106,19 @@ def plain(message: str) -> str:
 
 
 def test_every_block_of_every_layout_has_one_slider():
-    assert len(SLIDER_NAMES) == len(set(SLIDER_NAMES)) == 26 + 4 + 19 + 38 + 38
+    # Named sliders for SD1/SDXL, Flux and SD3; the positional pool for every other layout (#17).
+    assert len(SLIDER_NAMES) == len(set(SLIDER_NAMES)) == 26 + 4 + 19 + 38 + 38 + GENERIC_SLIDERS
     for layout, blocks in LAYOUTS.items():
-        assert {slider_name(b) for b in blocks} <= set(SLIDER_NAMES), layout
+        sliders = layout_sliders(layout)
+        assert len(sliders) == len(blocks) and set(sliders) <= set(SLIDER_NAMES), layout
+        assert uses_named_sliders(layout) == (layout in ("sd1", "sdxl", "flux", "sd3", "sd3_large")), layout
+
+
+def test_a_new_layout_relabels_the_positional_sliders():
+    updates = slider_visibility("qwen_image")
+    assert updates["block_group.any"]["visible"] and not updates["block_group.unet"]["visible"]
+    assert updates["block.#002"]["label"] == "T00" and updates["block.#002"]["visible"]
+    assert not updates["block.#063"]["visible"]  # Qwen-Image has 63 blocks
 
 
 @pytest.fixture
@@ -238,3 +251,21 @@ assert outputs[group_name("flux_single")]["visible"] is True and outputs[slider_
 assert outputs[group_name("sd3_joint")]["visible"] is False
 print("gradio", gr.__version__, "ok")
 '''
+
+
+def test_a_qwen_image_model_a_relabels_the_positional_sliders_and_set_reads_them(actions, built, models_dir):
+    from mergers.weights import parse_weights
+    from tests.arch_keys import qwen_image  # issue #17: a layout without named sliders
+
+    save_checkpoint(models_dir / "qwen.safetensors", {k: torch.zeros(s) for k, s in qwen_image().items()})
+    outputs = actions.change_model_a({"model_a": title(actions, "qwen.safetensors"), "include_exclude_blocks": []})
+    assert outputs["layout"] == "qwen_image" and "Qwen-Image" in outputs["arch_info"]
+    visible = apply_updates({name: built[name].visible for name in VISIBILITY_OUTPUTS}, outputs)
+    shown = shown_blocks(visible)
+    assert len(shown) == 63 and visible[group_name("any")] and not visible[group_name("unet")]
+    assert outputs["block.#062"]["label"] == "OUT"
+    sliders = {**{name: 0.0 for name in SLIDER_NAMES}, **{name: 1.0 for name in layout_sliders("qwen_image")[2:62]}}
+    text = actions.set_weights({**sliders, "layout": "qwen_image"}, target="weights_alpha")["weights_alpha"]
+    assert parse_weights(text, "qwen_image").as_readable() == "TE:0, IN:0, T00-T59:1, OUT:0"
+    read = actions.read_weights({"weights_alpha": "ALL:0.5, T10:1", "layout": "qwen_image"}, source="weights_alpha")
+    assert read["block.#012"] == 1.0 and read["block.#000"] == 0.5

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mergers.analysis.stats import FitSums, PairSums, fit_sums, pair_sums
-from mergers.arch import block_ids, block_of, detect_architecture, require_supported
+from mergers.arch import block_ids, block_of, detect_architecture, layout_named, require_supported
 from mergers.checkpoint import Checkpoint, open_checkpoint
 from mergers.engine import CancelToken, ProgressCallback
 from mergers.engine import _Prefetcher as Prefetcher
@@ -39,10 +39,13 @@ from mergers.errors import ArchitectureError, MergeCancelled, MergeError
 BY = ("block", "key")
 # Key prefixes of each component, in the order the components are reported.
 COMPONENT_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("text encoder", ("cond_stage_model.", "conditioner.")),
+    ("text encoder", ("cond_stage_model.", "conditioner.", "text_encoders.")),
     ("U-Net", ("model.diffusion_model.",)),
-    ("VAE", ("first_stage_model.",)),
+    ("VAE", ("first_stage_model.", "vae.")),
 )
+# Keys outside every prefix are buffers and EMA copies in SD files; in bare diffusion files (Flux's
+# double_blocks.0…, Qwen-Image, automatic layouts) they are the diffusion model itself, reported as "U-Net".
+NOT_DIFFUSION = ("model_ema.", "model_sampling.")
 VAE_BLOCK = "VAE"  # the original's Analysis tab reports the VAE as a block of its own, not as BASE
 ATTN2_KEY = "attn2.to_out.0.weight"  # the original's "attn2" block value
 GROUP_STATISTICS = ("cosine", "cosine_min", "cosine_attn2", "relative_l2", "norm_a", "norm_b")
@@ -148,7 +151,7 @@ def _compare(paths: Sequence, by: str, on_progress: ProgressCallback | None,
     with contextlib.ExitStack() as stack:
         models = [stack.enter_context(open_checkpoint(path)) for path in paths]
         arch = _common_architecture(models)
-        keys, skipped = plan_keys(models)
+        keys, skipped = plan_keys(models, bare_keys=_bare_keys(arch.layout))
         results = _stream(models, keys, arch.layout, on_progress, cancel)
     return build_comparison(results, models=[m.name for m in models], architecture=arch.label,
                             layout=arch.layout, by=by, skipped=skipped,
@@ -166,7 +169,12 @@ def _common_architecture(models: Sequence[Checkpoint]):
     return archs[0]
 
 
-def plan_keys(models: Sequence[Checkpoint]) -> tuple[list[str], list[tuple[str, str]]]:
+def _bare_keys(layout: str) -> bool:
+    """Whether keys without a component prefix belong to the diffusion model (every layout but SD1/SDXL's)."""
+    return not layout_named(layout).name_needs_model
+
+
+def plan_keys(models: Sequence[Checkpoint], *, bare_keys: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
     """The keys to compare, in A's file order, and (key, reason) for each key left out.
 
     Example:
@@ -175,7 +183,7 @@ def plan_keys(models: Sequence[Checkpoint]) -> tuple[list[str], list[tuple[str, 
     a, others = models[0], models[1:]
     keys, skipped = [], []
     for key in a:
-        reason = _skip_reason(key, a, others)
+        reason = _skip_reason(key, a, others, bare_keys)
         if reason:
             skipped.append((key, reason))
         else:
@@ -186,8 +194,8 @@ def plan_keys(models: Sequence[Checkpoint]) -> tuple[list[str], list[tuple[str, 
     return keys, skipped
 
 
-def _skip_reason(key: str, a: Checkpoint, others: Sequence[Checkpoint]) -> str | None:
-    if component_of(key) is None:
+def _skip_reason(key: str, a: Checkpoint, others: Sequence[Checkpoint], bare_keys: bool) -> str | None:
+    if component_of(key, bare_keys=bare_keys) is None:
         return "not part of the text encoder, U-Net or VAE (EMA copy or buffer)"
     if not a.dtype(key).is_floating_point:
         return f"not floating point ({str(a.dtype(key)).replace('torch.', '')})"
@@ -199,7 +207,7 @@ def _skip_reason(key: str, a: Checkpoint, others: Sequence[Checkpoint]) -> str |
     return None
 
 
-def component_of(key: str) -> str | None:
+def component_of(key: str, *, bare_keys: bool = False) -> str | None:
     """"text encoder", "U-Net" or "VAE" for a checkpoint key, None for anything else (EMA, buffers).
 
     Example:
@@ -209,7 +217,7 @@ def component_of(key: str) -> str | None:
     for component, prefixes in COMPONENT_PREFIXES:
         if key.startswith(prefixes):
             return component
-    return None
+    return "U-Net" if bare_keys and not key.startswith(NOT_DIFFUSION) else None
 
 
 def analysis_block(key: str, layout: str) -> str:
@@ -255,7 +263,7 @@ def key_result(key: str, tensors: Sequence, layout: str) -> KeyResult:
     """
     a, b = tensors[0], tensors[1]
     fit = fit_sums(a, b, tensors[2]) if len(tensors) > 2 else None
-    return KeyResult(key, analysis_block(key, layout), component_of(key) or "", tuple(a.shape),
+    return KeyResult(key, analysis_block(key, layout), component_of(key, bare_keys=_bare_keys(layout)) or "", tuple(a.shape),
                      pair_sums(a, b), fit)
 
 

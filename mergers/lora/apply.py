@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from mergers.arch import detect_architecture, require_supported
+from mergers.arch.detect import detect_architecture, require_lora_support
 from mergers.checkpoint import Checkpoint, open_checkpoint
 from mergers.engine import CancelToken, ProgressCallback, resolve_device
 from mergers.errors import CheckpointError, MergeCancelled, MergeError
@@ -90,7 +90,7 @@ def plan_contributions(loras: Sequence[tuple[LoraEntry, LoraFile]], shapes: Mapp
     Every module of every LoRA must fit the checkpoint, or ArchitectureError names the misfits.
     """
     arch = detect_architecture(shapes, metadata, source=source)
-    require_supported(arch, source=source)
+    require_lora_support(arch, source=source)
     table = module_table(shapes)
     plan: dict[str, list[Contribution]] = {}
     for entry, lora in loras:

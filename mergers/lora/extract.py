@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from mergers.arch import detect_architecture, require_supported
+from mergers.arch.detect import detect_architecture, require_lora_support
 from mergers.checkpoint import Checkpoint, open_checkpoint
 from mergers.engine import CancelToken, ProgressCallback, resolve_device
 from mergers.errors import ArchitectureError, MergeCancelled, MergeError
@@ -93,7 +93,7 @@ def common_architecture(model_a: Checkpoint, model_b: Checkpoint) -> str:
     """The family both checkpoints are; ArchitectureError when they differ or are unsupported."""
     archs = [detect_architecture(m.shapes, m.metadata, source=m.name) for m in (model_a, model_b)]
     for arch, model in zip(archs, (model_a, model_b)):
-        require_supported(arch, source=model.name)
+        require_lora_support(arch, source=model.name)
     if archs[0].family != archs[1].family:
         raise ArchitectureError(f"{model_a.name} is {archs[0].label}, {model_b.name} is {archs[1].label}: "
                                 "a LoRA is extracted from two models of the same architecture")

@@ -23,25 +23,65 @@ from fastapi import FastAPI
 
 from mergers.api import make_router
 from mergers.errors import MergeError
+from mergers.host import Host
 from mergers.session import MergeSession
+from mergers.ui.assets import scripts, stylesheet
+from mergers.ui.handlers import GALLERY, INFOTEXT
+from mergers.ui.sections import GENERATION_PANEL, Widgets
 from mergers.ui.tab import tab_contents
 
 log = logging.getLogger(__name__)
 
 TITLE = "SuperMerger"
 START_TIMEOUT_S = 30.0  # uvicorn binds in well under a second; Gradio's startup events are quick too
+# What does nothing without a web UI's loaded model and generator: hidden on such a host, not refused.
+NEEDS_THE_WEB_UI = ("merge_and_gen", "gen", "restore", "load_model_a", GENERATION_PANEL, GALLERY, INFOTEXT)
+PREVIEWS_NOTE = ("Merges are written to files here, with Save. Previews, Merge and Gen and Restore need "
+                 "the web UI: install SuperMerger as an A1111 or Forge extension for them.")
+GRADIO_3 = gr.__version__.startswith("3.")
 
 
 def make_app(session: MergeSession) -> gr.Blocks:
-    """A page holding the SuperMerger tab (queue it before serving, as :func:`make_server` does).
+    """A page holding the SuperMerger tab, with its style.css and javascript/ (queue it before serving,
+    as :func:`make_server` does).
 
     Example:
         >>> make_app(MergeSession(host)).queue().launch()
     """
-    with gr.Blocks(analytics_enabled=False, title=TITLE) as app:
+    with gr.Blocks(analytics_enabled=False, title=TITLE, css=stylesheet(), **_head()) as app:
         gr.Markdown(f"# {TITLE}")
-        tab_contents(session)
+        previews = has_previews(session.host)
+        if not previews:
+            gr.Markdown(PREVIEWS_NOTE, elem_id="supermerger_previews_note")
+        widgets = tab_contents(session)
+        if not previews:
+            hide(widgets, NEEDS_THE_WEB_UI)
+        if GRADIO_3:  # Gradio 3.41 has no head=: the scripts run from the page's load event instead
+            app.load(None, None, None, _js=_scripts_as_load_function())
     return app
+
+
+def has_previews(host: Host) -> bool:
+    """Whether ``host`` can show previews: a generator, or a loaded model to swap merges into."""
+    return host.can_generate() or host.live_model() is not None
+
+
+def hide(widgets: Widgets, names: tuple[str, ...]) -> None:
+    """Hide the components ``names`` (before the page's config is made, so they never show)."""
+    for name in names:
+        widgets[name].visible = False
+
+
+def _head() -> dict[str, str]:
+    """Gradio 4's ``head=``: the tab's scripts, inline (the page needs no route of ours to serve them)."""
+    if GRADIO_3:
+        return {}
+    return {"head": "".join(f"<script>\n{script}\n</script>\n" for script in scripts())}
+
+
+def _scripts_as_load_function() -> str:
+    """The scripts as one JS function for Gradio 3.41's load event (each script is a self-calling function)."""
+    return "() => {\n" + "\n".join(scripts()) + "\n}"
 
 
 def make_server(session: MergeSession) -> FastAPI:

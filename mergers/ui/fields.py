@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from mergers.arch.layouts import block_ids
+from mergers.arch.layouts import SD1_BLOCKS
 from mergers.dice import DEFAULT_CUSTOM, DICE_MODES, Dice
 from mergers.errors import MergeError, RecipeError
 from mergers.host import GenerationParams
-from mergers.keyfilter import filter_choices
+from mergers.keyfilter import FILTER_CHOICES
 from mergers.methods.modes import MODES, calcmodes_for
 from mergers.recipe import Recipe
 
@@ -40,8 +40,8 @@ UI_ONLY = ("use_block_weights",)
 DICE_PREFIX = "dice."
 GENERATION_PREFIX = "gen."
 # The original's defaults for its two weight boxes: 26 × 0.5 for alpha, 26 × 0.2 for beta.
-DEFAULT_WEIGHTS_ALPHA = ",".join(["0.5"] * len(block_ids("sd1")))
-DEFAULT_WEIGHTS_BETA = ",".join(["0.2"] * len(block_ids("sd1")))
+DEFAULT_WEIGHTS_ALPHA = ",".join(["0.5"] * len(SD1_BLOCKS))
+DEFAULT_WEIGHTS_BETA = ",".join(["0.2"] * len(SD1_BLOCKS))
 WEIGHTS_INFO = ("BASE,IN00,…,IN11,M00,OUT00,…,OUT11 (20 values for SDXL; Flux: 61 values CLIP,T5,IN,D00,…,D18,"
                 "S00,…,S37,OUT; SD3: 28, SD3.5 Large: 42 values CLIP,T5,IN,J00,…,OUT), a preset name, "
                 "or 'ALL:0.5, OUT:1'")
@@ -116,7 +116,7 @@ FIELDS: tuple[Field, ...] = (
     Field("elemental_extended", "SDXL: extended block names (IN411, OUT210…)", _w("checkbox", value=False)),
     Field("include_exclude", "Include/Exclude", _w("radio", choices=list(FILTER_MODE_LABELS), value="Off"),
           "filter_mode"),
-    Field("include_exclude_blocks", "Blocks", _w("checkboxgroup", choices=list(filter_choices("sd1")),
+    Field("include_exclude_blocks", "Blocks", _w("checkboxgroup", choices=list(FILTER_CHOICES),
                                                  value=[]), "blocks"),
     Field("include_exclude_elements", "Elements", _w("textbox", value="", placeholder="attn2, ff.net"), "text"),
     Field("adjust", "Adjust", _w("textbox", value="", info="IN,OUT,OUT2,Contrast,Brightness,COL1,COL2,COL3"),

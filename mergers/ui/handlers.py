@@ -27,10 +27,19 @@ from typing import Any, Optional
 
 import gradio as gr
 
-from mergers.arch import block_ids, detect_architecture, require_supported
+from mergers.arch import (
+    FLUX_BLOCKS,
+    SD1_BLOCKS,
+    SD3_BLOCKS,
+    SD3_LARGE_BLOCKS,
+    SDXL_BLOCKS,
+    block_ids,
+    detect_architecture,
+    require_supported,
+)
 from mergers.chain import describe, open_model
 from mergers.engine import ProgressCallback
-from mergers.errors import MergeError
+from mergers.errors import MergeError, WeightsError
 from mergers.estimate import estimate
 from mergers.keyfilter import filter_choices
 from mergers.merge import open_sources
@@ -50,11 +59,10 @@ SAVE_NAME, OVERWRITE, HISTORY_ID, HISTORY_SEARCH, HISTORY_MATCH, PRESET = (
     "save_name", "overwrite", "history_id", "history_search", "history_match", "preset")
 ALLOW_NON_FINITE = "allow_non_finite"  # the Save section's "write NaN/Inf" checkbox
 TABS, MERGE_TAB = "tabs", "merge"
+HISTORY_RECIPE = "history_recipe"  # the JSON of a past merge's recipe, to copy
 HISTORY_HEADERS = ("ID", "time", "name", "mode", "models")
 HISTORY_ROWS = 100  # the original offers 20…100 rows
-SD1_BLOCKS, SDXL_BLOCKS = block_ids("sd1"), block_ids("sdxl")
 HIDDEN_FOR_SDXL = tuple(b for b in SD1_BLOCKS if b not in SDXL_BLOCKS)  # IN09–IN11, OUT09–OUT11
-FLUX_BLOCKS, SD3_BLOCKS, SD3_LARGE_BLOCKS = block_ids("flux"), block_ids("sd3"), block_ids("sd3_large")
 # The block sliders in the groups the tab shows or hides as one: (group, its blocks in slider order).
 # One slider per block name: Flux and SD3 share CLIP, T5, IN and OUT, SD3 and SD3.5 Large J00–J23.
 SLIDER_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -65,6 +73,12 @@ SLIDER_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("sd3_joint", tuple(b for b in SD3_BLOCKS if b.startswith("J"))),
     ("sd3_large_joint", tuple(b for b in SD3_LARGE_BLOCKS if b.startswith("J") and b not in SD3_BLOCKS)),
 )
+# Every other layout (Qwen-Image, Wan, user and automatic ones) uses a pool of sliders by position, each
+# relabelled with its block id when model A is read; 128 covers every shipped layout (Qwen-Image has 63).
+GENERIC_SLIDERS = 128
+GENERIC_BLOCKS = tuple(f"#{n:03d}" for n in range(GENERIC_SLIDERS))
+NAMED_BLOCKS = frozenset(b for _, blocks in SLIDER_GROUPS for b in blocks)
+SLIDER_GROUPS += (("any", GENERIC_BLOCKS),)
 MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>#|~])")  # what would format inline text
 HASH_SUFFIX = re.compile(r"\s*\[[^]]*\]$")  # A1111's title "a.safetensors [0123456789]"
 
@@ -90,13 +104,42 @@ def group_name(group: str) -> str:
 
 
 def group_shown(blocks: tuple[str, ...], layout: str) -> bool:
-    """Whether a slider group holds any block of ``layout``.
+    """Whether a slider group holds any block of ``layout`` (the positional group: for layouts without named sliders).
 
     Example:
-        >>> group_shown(("CLIP", "T5", "IN", "OUT"), "sdxl")
-        False
+        >>> group_shown(("CLIP", "T5", "IN", "OUT"), "sdxl"), group_shown(GENERIC_BLOCKS, "qwen_image")
+        (False, True)
     """
-    return not set(blocks).isdisjoint(block_ids(layout))
+    named = uses_named_sliders(layout)
+    if blocks == GENERIC_BLOCKS:
+        return not named
+    return named and not set(blocks).isdisjoint(block_ids(layout))
+
+
+def uses_named_sliders(layout: str) -> bool:
+    """Whether every block of ``layout`` has a slider of its own name (SD1/SD2, SDXL, Flux, SD3).
+
+    Example:
+        >>> uses_named_sliders("flux"), uses_named_sliders("wan")
+        (True, False)
+    """
+    return set(block_ids(layout)) <= NAMED_BLOCKS
+
+
+def layout_sliders(layout: str) -> tuple[str, ...]:
+    """The output names of the sliders holding ``layout``'s blocks, in block order.
+
+    Example:
+        >>> layout_sliders("qwen_image")[:2], layout_sliders("sd1")[:2]
+        (('block.#000', 'block.#001'), ('block.BASE', 'block.IN00'))
+    """
+    ids = block_ids(layout)
+    if uses_named_sliders(layout):
+        return tuple(slider_name(block) for block in ids)
+    if len(ids) > GENERIC_SLIDERS:
+        raise WeightsError(f"this layout has {len(ids)} blocks, more than the tab's {GENERIC_SLIDERS} sliders: "
+                           "type its weights in the weights box (e.g. 'ALL:0.5, D00-D09:1')")
+    return tuple(slider_name(block) for block in GENERIC_BLOCKS[:len(ids)])
 
 
 SLIDER_NAMES = tuple(slider_name(b) for _, blocks in SLIDER_GROUPS for b in blocks)  # every layout's sliders
@@ -119,9 +162,18 @@ def slider_visibility(layout: str) -> dict[str, Any]:
     for group, blocks in SLIDER_GROUPS:
         visible = group_shown(blocks, layout)
         updates[group_name(group)] = gr.update(visible=visible)
-        if visible:
+        if visible and blocks == GENERIC_BLOCKS:
+            updates.update(_generic_slider_labels(layout))
+        elif visible:
             updates.update({slider_name(b): gr.update(visible=b in shown) for b in blocks})
     return updates
+
+
+def _generic_slider_labels(layout: str) -> dict[str, Any]:
+    """The positional sliders relabelled with ``layout``'s block ids; the ones past its last block hidden."""
+    ids = block_ids(layout)[:GENERIC_SLIDERS]
+    return {slider_name(slot): gr.update(visible=n < len(ids), label=ids[n] if n < len(ids) else slot)
+            for n, slot in enumerate(GENERIC_BLOCKS)}
 
 
 def as_message(text: str) -> str:
@@ -211,7 +263,7 @@ class TabActions:
     def set_weights(self, values: Mapping[str, Any], *, target: str) -> dict:
         """"Set": the sliders of the layout's blocks → the weights box ``target``."""
         layout = values.get(LAYOUT) or "sd1"
-        numbers = [values[slider_name(block)] for block in block_ids(layout)]
+        numbers = [values[name] for name in layout_sliders(layout)]
         return {target: BlockWeights(layout, tuple(numbers)).as_text()}
 
     @shows_errors
@@ -227,7 +279,7 @@ class TabActions:
 
     def _sliders(self, text: str, layout: str) -> dict:
         weights = parse_weights(text, layout)
-        return {slider_name(block): value for block, value in zip(block_ids(layout), weights.values)}
+        return dict(zip(layout_sliders(layout), weights.values))
 
     # --- merging ------------------------------------------------------------------
 
@@ -338,6 +390,12 @@ class TabActions:
         rows = [[e.id, e.time, e.name + _warned(e.extra), _mode_text(e.recipe), _models_text(e.recipe)]
                 for e in entries]
         return rows or [["", "", "", "", ""]]  # an empty table loses its columns in Gradio 3
+
+    @shows_errors
+    def show_history_recipe(self, values: Mapping[str, Any]) -> dict:
+        """"Show recipe": the JSON of that merge's recipe (the page's copy button takes it from there)."""
+        entry = self.session.recipe_from_history(_history_id(values.get(HISTORY_ID)))
+        return {HISTORY_RECIPE: entry.recipe.to_json(), MESSAGE: as_message(f"the recipe of ID {entry.id}")}
 
     @shows_errors
     def load_history(self, values: Mapping[str, Any]) -> dict:

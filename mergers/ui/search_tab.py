@@ -44,6 +44,7 @@ from mergers.search import (
 )
 from mergers.session import MergeSession
 from mergers.ui.handlers import MESSAGE, as_message
+from mergers.ui.license_panel import bind_license_panel, license_section
 from mergers.ui.tab import bind
 from mergers.ui.xyz_tab import GENERATION_FIELDS, base_recipe, generation_params
 from mergers.weights import format_number, parse_weights
@@ -306,11 +307,13 @@ def search_tab(session: MergeSession) -> None:
     with gr.Row():
         with gr.Column(scale=3):
             _base_section(w, [entry.title for entry in session.host.list_models()])
+            license_section(w, editable=False)
             _generation_section(w, session.host.default_generation())
             _search_section(w)
         with gr.Column(scale=2):
             _results_section(w)
     _bind(w, actions)
+    bind_license_panel(w, session)
 
 
 def _base_section(w: dict, titles: list[str]) -> None:

@@ -23,6 +23,7 @@ from mergers.ui.handlers import (
     HISTORY_HEADERS,
     HISTORY_ID,
     HISTORY_MATCH,
+    HISTORY_RECIPE,
     HISTORY_SEARCH,
     INFOTEXT,
     MESSAGE,
@@ -39,6 +40,7 @@ from mergers.ui.handlers import (
 )
 
 Widgets = dict[str, Any]  # name → Gradio component
+GENERATION_PANEL = "generation_panel"  # the "Generation Parameters" accordion
 
 COMPONENTS = {
     "dropdown": gr.Dropdown, "radio": gr.Radio, "slider": gr.Slider, "number": gr.Number,
@@ -51,7 +53,8 @@ BLOCK_SLIDER = {"minimum": -1.0, "maximum": 2.0, "step": 0.001, "value": 0.5}  #
 # The transformer blocks' groups (Flux's 19 double and 38 single blocks, SD3's 24 joint blocks and the
 # 14 more of SD3.5 Large), each in a few columns rather than one long one.
 TRANSFORMER_HEADINGS = {"flux_double": "Flux double blocks (D00–D18)", "flux_single": "Flux single blocks (S00–S37)",
-                        "sd3_joint": "SD3 joint blocks (J00–J23)", "sd3_large_joint": "SD3.5 Large joint blocks (J24–J37)"}
+                        "sd3_joint": "SD3 joint blocks (J00–J23)", "sd3_large_joint": "SD3.5 Large joint blocks (J24–J37)",
+                        "any": "Blocks of model A's layout (Qwen-Image, Wan, HiDream…, a layout file or read from its keys)"}
 GROUP_BLOCKS = dict(SLIDER_GROUPS)
 SLIDER_COLUMNS = 4
 SLIDER_MIN_WIDTH = 120  # Gradio's default column width (320) would wrap four columns in the tab's left part
@@ -96,7 +99,7 @@ def mode_section(w: Widgets) -> None:
 
 def buttons_section(w: Widgets) -> None:
     """Merge, Merge and Gen, Gen, Stop, Restore original, then the message box."""
-    with gr.Row():
+    with gr.Row(elem_id="supermerger_buttons"):
         for name, label, variant in BUTTONS:
             w[name] = gr.Button(label, variant=variant, elem_id=f"supermerger_{name}")
     w[MESSAGE] = gr.Markdown("", elem_id="supermerger_message")
@@ -131,20 +134,19 @@ def block_sliders(w: Widgets) -> None:
 
 def _slider_group(w: Widgets, group: str) -> gr.Column:
     """The column of a slider group, shown at first when the starting layout (SD1) has its blocks."""
-    w[group_name(group)] = gr.Column(visible=group_shown(GROUP_BLOCKS[group], "sd1"))
+    w[group_name(group)] = gr.Column(visible=group_shown(GROUP_BLOCKS[group], "sd1"),
+                                     elem_id=f"supermerger_sliders_{group}")  # style.css lays them out
     return w[group_name(group)]
 
 
 def unet_sliders(w: Widgets, blocks: tuple[str, ...]) -> None:
-    """BASE and M00 on top; IN00–IN11 left, OUT11–OUT00 right, as the original lays them out."""
+    """IN00–IN11 | BASE, M00 | OUT11–OUT00 side by side, as the original lays them out."""
+    columns = {"in": [b for b in blocks if b.startswith("IN")], "mid": ["BASE", "M00"],
+               "out": [b for b in blocks if b.startswith("OUT")][::-1]}
     with gr.Row():
-        for block in ("BASE", "M00"):
-            w[slider_name(block)] = gr.Slider(label=block, **BLOCK_SLIDER)
-    with gr.Row():
-        for group in ("IN", "OUT"):
-            column = [b for b in blocks if b.startswith(group)]
-            with gr.Column():
-                for block in (column if group == "IN" else column[::-1]):
+        for column, column_blocks in columns.items():
+            with gr.Column(elem_id=f"supermerger_sliders_{column}", min_width=SLIDER_MIN_WIDTH):
+                for block in column_blocks:
                     w[slider_name(block)] = gr.Slider(label=block, **BLOCK_SLIDER)
 
 
@@ -198,7 +200,7 @@ def save_section(w: Widgets) -> None:
 def generation_section(w: Widgets, defaults: GenerationParams) -> None:
     """"Generation Parameters": the preview's txt2img settings, starting from the host's."""
     values = ui_from_params(defaults)
-    with gr.Accordion("Generation Parameters", open=False):
+    with gr.Accordion("Generation Parameters", open=False, elem_id="supermerger_generation") as w[GENERATION_PANEL]:
         for name in ("gen.prompt", "gen.negative_prompt"):
             w[name] = component(name, value=values[name])
         for row in (("gen.steps", "gen.sampler", "gen.cfg_scale"), ("gen.width", "gen.height"),
@@ -225,3 +227,5 @@ def history_section(w: Widgets, rows: list[list[Any]]) -> None:
     with gr.Row():
         w[HISTORY_ID] = gr.Number(label="Load settings from ID (-1: the last)", value=-1, precision=0)
         w["history_load"] = gr.Button("Load settings")
+        w["history_show"] = gr.Button("Show recipe")
+    w[HISTORY_RECIPE] = gr.Textbox(label="Recipe (JSON)", value="", lines=2, interactive=False)

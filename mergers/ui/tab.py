@@ -29,6 +29,7 @@ from mergers.ui.handlers import (
     HISTORY,
     HISTORY_ID,
     HISTORY_MATCH,
+    HISTORY_RECIPE,
     HISTORY_SEARCH,
     INFOTEXT,
     LAYOUT,
@@ -43,6 +44,7 @@ from mergers.ui.handlers import (
     VISIBILITY_OUTPUTS,
     TabActions,
 )
+from mergers.ui.license_panel import bind_license_panel, license_section
 from mergers.ui.sections import Widgets
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ def tab_contents(session: MergeSession, feature_tabs: tuple[tuple[str, str], ...
     """Lay the tab out in the open Blocks and bind its events; returns the components by name."""
     actions = TabActions(session)
     w: Widgets = {LAYOUT: gr.State("sd1")}
-    with gr.Tabs() as w[TABS]:
+    with gr.Tabs(elem_id="supermerger_tabs") as w[TABS]:  # style.css and javascript/ scope to it
         with gr.Tab("Merge", id=MERGE_TAB):
             _merge_tab(w, actions)
         for label, target in dict(feature_tabs).items():
@@ -102,6 +104,7 @@ def _merge_tab(w: Widgets, actions: TabActions) -> None:
             sections.dice_section(w)
         with gr.Column(scale=2):
             sections.buttons_section(w)
+            license_section(w, elem_id="supermerger_license")
             sections.output_section(w)
             sections.save_section(w)
             sections.generation_section(w, actions.host.default_generation())
@@ -154,6 +157,7 @@ def _bind_all(w: Widgets, actions: TabActions) -> None:
     _bind_choices(w, actions)
     _bind_weights(w, actions)
     _bind_history(w, actions)
+    bind_license_panel(w, actions.session)
 
 
 def _bind_merging(w: Widgets, actions: TabActions) -> None:
@@ -197,5 +201,6 @@ def _bind_history(w: Widgets, actions: TabActions) -> None:
     bind(w["history_reload"].click, actions.search_history, w, search, (HISTORY, MESSAGE))
     bind(w[HISTORY_SEARCH].submit, actions.search_history, w, search, (HISTORY, MESSAGE))
     bind(w["history_load"].click, actions.load_history, w, (HISTORY_ID,), (*FIELD_NAMES, METHOD_INFO, MESSAGE, TABS))
+    bind(w["history_show"].click, actions.show_history_recipe, w, (HISTORY_ID,), (HISTORY_RECIPE, MESSAGE))
 
 

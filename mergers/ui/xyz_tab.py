@@ -29,6 +29,7 @@ from mergers.methods import CALCMODES, MODES
 from mergers.recipe import Recipe
 from mergers.session import MergeSession
 from mergers.ui.handlers import MESSAGE, as_message, shows_errors
+from mergers.ui.license_panel import bind_license_panel, license_section
 from mergers.ui.tab import bind
 from mergers.xyz.axes import NONE, TYPE_NAMES, XyzError
 from mergers.xyz.outputs import plot_grids, save_outputs
@@ -230,10 +231,12 @@ def xyz_tab(session: MergeSession) -> None:
     actions = XyzActions(session)
     w: dict[str, Any] = {}
     _base_section(w, [entry.title for entry in session.host.list_models()])
+    license_section(w, editable=False)
     _generation_section(w, session.host.default_generation())
     _axes_section(w)
     _buttons_section(w)
     _bind(w, actions)
+    bind_license_panel(w, session)
 
 
 def _base_section(w: dict, titles: list[str]) -> None:
