@@ -8,6 +8,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Without a GPU, a CPU build of torch (an unpinned torch pulls a multi-GB CUDA build).
 CPU_TORCH ?= torch==2.13.0
+# Test processes (pytest-xdist; a file's tests stay in one). 2 halves the suite's time on a 2-core machine;
+# TEST_WORKERS=0 runs it in this process, as plain pytest does.
+TEST_WORKERS ?= 2
 
 # The tab's second gradio line, A1111 v1.10's: gradio 3.41.2 with its pins (numpy 1.26.2, safetensors 0.4.2,
 # Pillow 9.5.0, pydantic 1), in its own venv; the library's .ckpt tests run there too.
@@ -40,7 +43,7 @@ demo: $(STAMP)
 	$(PY) -m mergers demo
 
 test: $(STAMP) $(G3_STAMP)
-	SUPERMERGER_GRADIO3_PYTHON=$(G3_PY) $(PY) -m pytest -q
+	SUPERMERGER_GRADIO3_PYTHON=$(G3_PY) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml setup.py
 	@# A torch the base Python already has is reused, never reinstalled.

@@ -2,7 +2,7 @@
 
 Shipped: ``mergers/arch/data/layouts/*.json``. Yours: ``$SUPERMERGER_LAYOUTS`` (a folder), else
 ``~/.config/supermerger/layouts/``; a file there adds a model, or replaces a shipped layout or architecture of
-the same name. The registry is read again when a file there is added, changed or removed.
+the same name. The registry is read again when a file there is added, changed or removed (seen within 2 s).
 
 Example:
     >>> layout_named("flux").blocks[:4]
@@ -16,6 +16,7 @@ import importlib.resources
 import json
 import os
 import pathlib
+import time
 from dataclasses import dataclass
 
 from mergers.arch.auto import AUTO_PREFIX, auto_layout_from_name
@@ -24,6 +25,8 @@ from mergers.arch.spec import ArchSpec, DetectRule, Layout, LayoutFileError, par
 USER_LAYOUTS_ENV = "SUPERMERGER_LAYOUTS"
 SHIPPED_FOLDER = "data/layouts"
 USER_PRIORITY = 200  # a user's architecture without a priority is tried before every shipped one
+RECHECK_SECONDS = 2.0  # how soon a file added to, changed in or removed from the user's folder is seen
+_folder_seen: dict[tuple, tuple[float, str, tuple]] = {}  # (env, home) -> (when, folder, signature)
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,15 @@ def registry() -> Registry:
         >>> "qwen_image" in registry().architectures
         True
     """
-    folder = user_layouts_dir()
-    return _registry(str(folder), _folder_signature(folder))
+    # Asked for every key of a merge: the folder is looked at again only after RECHECK_SECONDS (scanning it
+    # on every call cost a quarter of a small merge's time); a new env or home folder is looked at at once.
+    where = (os.environ.get(USER_LAYOUTS_ENV), os.environ.get("HOME"), os.environ.get("USERPROFILE"))
+    now = time.monotonic()
+    seen = _folder_seen.get(where)
+    if seen is None or now - seen[0] > RECHECK_SECONDS:
+        folder = user_layouts_dir()
+        seen = _folder_seen[where] = (now, str(folder), _folder_signature(folder))
+    return _registry(seen[1], seen[2])
 
 
 def shipped_registry() -> Registry:
