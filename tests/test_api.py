@@ -345,7 +345,7 @@ def merge_in_background(client: TestClient, **body) -> tuple[threading.Thread, d
 
 
 def wait_until_merging(client: TestClient) -> dict:
-    for _ in range(200):
+    for _ in range(600):  # up to 30 s: CI runs this beside other test processes
         progress = client.get(PREFIX + "/progress").json()
         if progress["running"]:
             return progress

@@ -122,20 +122,34 @@ def test_a_search_while_a_merge_runs_is_409(client, session):
     assert response.status_code == 409 and "already running" in response.json()["detail"]
 
 
-def test_stop_ends_the_running_search_after_its_candidate(client, host):
+class WatchedLock:
+    """The host's lock, telling when someone starts waiting for it."""
+
+    def __init__(self, lock):
+        self.lock, self.wanted = lock, threading.Event()
+
+    def __enter__(self):
+        self.wanted.set()
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self.lock.__exit__(*exc)
+
+
+def test_stop_ends_the_running_search_after_its_candidate(client, host, monkeypatch):
     assert client.post(PREFIX + "/search/stop").json() == {"stopping": False}
-    host.lock().acquire()  # candidate 1's swap waits for the host's lock: the search is running meanwhile
+    lock = WatchedLock(host.lock())
+    monkeypatch.setattr(host, "lock", lambda: lock)
+    lock.lock.acquire()  # candidate 1's swap waits for the host's lock: the search is running meanwhile
     answer: dict = {}
     worker = threading.Thread(target=lambda: answer.update(response=search(client)))
     try:
         worker.start()
-        for _ in range(200):
-            if client.get(PREFIX + "/progress").json()["phase"] == "searching":
-                break
-            threading.Event().wait(0.05)
+        # Stop once candidate 1 is under way (polling the phase raced with the search's set-up on a busy machine).
+        assert lock.wanted.wait(60), "the search never reached its first candidate's swap"
         assert client.post(PREFIX + "/search/stop").json() == {"stopping": True}
     finally:
-        host.lock().release()
+        lock.lock.release()
         worker.join(30)
     body = answer["response"].json()
     assert answer["response"].status_code == 200 and body["stopped"] and len(body["candidates"]) == 1
