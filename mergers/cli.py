@@ -327,7 +327,7 @@ def run_demo(args) -> int:
     recipe = Recipe(model_a=str(paths[0]), model_b=str(paths[1]), mode="weight_sum", weights_alpha=args.preset)
     demo_args = argparse.Namespace(output=output, device="auto", overwrite=True)
     _merge_and_report(recipe, demo_args)
-    print(f"demo done in {time.perf_counter() - started:.1f} s; see it with: python -m mergers info {output}")
+    print(f"demo done in {time.perf_counter() - started:.1f} s; see it with: {program_name()} info {output}")
     return 0
 
 
