@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -105,19 +106,14 @@ def _base(ckpt: Checkpoint) -> tuple[str, Optional[BaseLicense]]:
 
 
 def _findings(ckpt: Checkpoint) -> tuple[list[Finding], list[str]]:
+    readers = [lambda: _stored_record(ckpt), lambda: _metadata_terms(ckpt)]
+    readers += [functools.partial(read_site_file, path) for path in sidecar_paths(ckpt.path)]
     findings: list[Finding] = []
     problems: list[str] = []
-    for read in (_stored_record, _metadata_terms):
+    for read in readers:
         try:
-            found = read(ckpt)
-        except LicenseError as error:
-            problems.append(str(error))
-            continue
-        findings += [found] if found else []
-    for path in sidecar_paths(ckpt.path):
-        try:
-            found = read_site_file(path)
-        except LicenseError as error:
+            found = read()
+        except LicenseError as error:  # an unreadable place is named and left out, never fatal
             problems.append(str(error))
             continue
         findings += [found] if found else []
